@@ -1,0 +1,226 @@
+"""Typed pipeline configuration, validated once at load time.
+
+A pipeline YAML is parsed into :class:`PipelineConfig`. Everything downstream (Ray Data, Ray
+Train, evaluation, MLflow) receives these typed objects, never raw dicts, so a typo or an
+impossible combination fails here — before Ray starts — with one line per problem naming the
+file, the field path, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slmlab.models import FAMILIES
+
+
+class ConfigError(ValueError):
+    """A pipeline file that cannot run; ``str(err)`` is one line per problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Strict):
+    kind: Literal["embedded", "text", "jsonl", "parquet", "hf", "hf_disk"] = "embedded"
+    path: str | None = None  # file, folder or glob (text/jsonl/parquet/hf_disk), dataset name (hf); unused for embedded
+    text_field: str = "text"  # column holding the document text (jsonl/parquet/hf)
+    weight: float = Field(1.0, gt=0)  # relative share of this source in the token mixture
+    split: str = "train"  # split name for hf sources
+    max_documents: int | None = Field(None, gt=0)  # cap per source, for quick experiments
+
+    @model_validator(mode="after")
+    def _path_required(self) -> "SourceConfig":
+        if self.kind != "embedded" and not self.path:
+            raise ValueError(f"a {self.kind!r} source needs 'path'")
+        return self
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig()], min_length=1)
+    seq_len: int = Field(256, ge=8)  # tokens the model sees per example; blocks hold seq_len + 1 so targets shift by one
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)  # documents held out (split by document, so no block straddles)
+    tokenize_batch_size: int = Field(512, ge=1)  # documents per Ray Data batch; one padded block is wasted per batch
+    tokenize_concurrency: int = Field(2, ge=1)  # tokenizer actors; each takes half a CPU so reads are not starved
+    shuffle_buffer: int = Field(256, ge=0)  # rows in the per-worker shuffle buffer (0 = file order)
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(16384, ge=300)  # byte-level BPE: 256 byte symbols + merges + specials
+    sample_bytes: int = Field(50_000_000, ge=1000)  # bounded training sample so huge corpora stay cheap
+    min_frequency: int = Field(2, ge=1)  # merges seen fewer times are noise on small corpora
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
+    use_gpu: bool = False  # one GPU per worker when true
+    cpus_per_worker: float = Field(1.0, gt=0)  # leave CPU for Ray Data's readers on small machines
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker (None = cpus_per_worker rounded up)
+    micro_batch_size: int = Field(16, ge=1)  # sequences per worker per forward pass
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    max_steps: int = Field(300, ge=1)  # optimizer steps; sets the cosine schedule's length
+    stop_at_step: int | None = Field(None, ge=1)  # end this invocation early (time-sliced jobs); `--resume` continues
+    lr: float = Field(3e-3, gt=0)  # peak learning rate after warmup
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor as a fraction of lr
+    warmup_steps: int = Field(30, ge=0)  # linear warmup avoids early Adam blow-ups
+    weight_decay: float = Field(0.1, ge=0)  # applied to matrices only, not norms/biases
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas; 0.95 is the LLM-standard second moment
+    grad_clip: float = Field(1.0, ge=0)  # global-norm clipping (0 disables)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 on modern CPUs/GPUs; fp32 is the exact reference
+    zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage; all run on CPU with gloo
+    offload_optimizer: bool = False  # ZeRO-Offload optimizer states to CPU (needs zero_stage >= 1)
+    eval_every: int = Field(50, ge=1)  # steps between validation passes
+    eval_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per pass (None = whole split)
+    checkpoint_every: int = Field(100, ge=1)  # steps between resumable checkpoints
+    keep_checkpoints: int = Field(2, ge=1)  # older ones are deleted by Ray
+    log_every: int = Field(1, ge=1)  # steps between training-metric logs
+    max_failures: int = Field(0, ge=-1)  # Ray restarts from the last checkpoint this many times (-1 = forever)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "TrainConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class EvalConfig(Strict):
+    prompts: list[str] = Field(default_factory=lambda: ["The ", "A module that", "Return the"])  # samples logged
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, ge=0)  # 0 = greedy
+    top_k: int | None = Field(50, ge=1)
+
+
+class TrackingConfig(Strict):
+    experiment: str | None = None  # MLflow experiment (default: pipeline name)
+    register_as: str | None = None  # registered model name (default: pipeline name)
+
+
+def _model_union():
+    classes = tuple(f.config_cls for f in FAMILIES.values())
+    return Annotated[Union[classes], Field(discriminator="family")]  # type: ignore[valid-type]
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # experiment and registered-model name
+    seed: int = 1234  # data split, shuffling, init and sampling all derive from it
+    run_dir: str = "runs"  # MLflow store, data cache and Ray storage (relative to the working directory)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: _model_union()  # type: ignore[valid-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_family(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("family") not in FAMILIES:
+            raise ValueError(f"expected family one of {sorted(FAMILIES)}, found {v.get('family')!r}")
+        return v
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.register_as or self.name
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (cache keys)."""
+        dumped = {s: getattr(self, s).model_dump(mode="json") if hasattr(getattr(self, s), "model_dump") else getattr(self, s) for s in sections}
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"{source}: {dotted}: expected a mapping at {k!r}, found {type(node[k]).__name__}")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected dotted.key=value, found no '='")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _describe(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # a discriminated union adds the family tag to the path; the user never wrote it
+        if len(loc) >= 2 and loc[0] == "model" and loc[1] in FAMILIES:
+            del loc[1]
+        path = ".".join(loc) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {path}: expected no such field (unknown key), found {_describe(e['input'])}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {path}: expected a value (required field), found nothing")
+        elif "expected" in msg:
+            lines.append(f"{source}: {path}: {msg}")
+        else:
+            lines.append(f"{source}: {path}: expected {msg[0].lower() + msg[1:]}, found {_describe(e.get('input'))}")
+    return "\n".join(lines)
+
+
+def _cross_checks(cfg: PipelineConfig, source: str) -> None:
+    """Constraints that span sections (pydantic locates these at the root otherwise)."""
+    problems = []
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        problems.append(f"{source}: data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.data.seq_len}")
+    if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.max_steps:
+        problems.append(f"{source}: train.stop_at_step: expected at most train.max_steps={cfg.train.max_steps}, found {cfg.train.stop_at_step}")
+    if cfg.train.use_gpu and cfg.train.precision == "fp16" and cfg.train.zero_stage == 3 and cfg.train.offload_optimizer:
+        pass  # valid on GPU; listed so the combination is a conscious choice
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def validate_pipeline(raw: dict, source: str = "<config>") -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping of sections, found {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    _cross_checks(cfg, source)
+    return cfg
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: <file>: expected a pipeline YAML file, found no such file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        raise ConfigError(f"{source}: {where}: expected valid YAML, found {getattr(err, 'problem', err)}") from None
+    raw = raw if raw is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        if isinstance(raw, dict):
+            _set_dotted(raw, key, value, f"{source} (--set {item})")
+    return validate_pipeline(raw, source)

@@ -1,0 +1,1 @@
+"""Data stage: sources → tokenizer → Ray Data tokenize + pack → parquet shards (cached)."""

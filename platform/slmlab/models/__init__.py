@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers every family (one file each)."""
+from slmlab.models.base import FAMILIES, Family, FamilyConfig, ModelOutput, build_model, count_parameters  # noqa: F401
+from slmlab.models import vectorslm  # noqa: F401  (registers "vectorslm")

@@ -1,0 +1,32 @@
+"""Connect to Ray: join the cluster named by RAY_ADDRESS, or start a private local one on loopback."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+# environment every Ray process of ours gets: quiet tokenizers, CPU DeepSpeed unless a GPU is used
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("RAY_ADDRESS"):
+        # a cluster (or `ray job submit`, which sets RAY_ADDRESS for the driver)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    # local mode: everything bound to loopback, dashboard included
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        configure_logging=True,
+        log_to_driver=True,
+    )

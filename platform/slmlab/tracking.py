@@ -1,0 +1,77 @@
+"""MLflow: where runs, metrics, artefacts and registered models go.
+
+Default store: ``<run_dir>/mlflow.db`` (SQLite, so the model registry works) with artefacts in
+``<run_dir>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides both (e.g. a cluster's server).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def tracking_uri(run_dir: str | Path) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(run_dir: str | Path) -> str:
+    return (Path(run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def client_for(run_dir: str | Path) -> MlflowClient:
+    uri = tracking_uri(run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, run_dir: str | Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else f"{artifact_root(run_dir)}/{name}"
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MetricsLogger:
+    """Logs metric dicts to one MLflow run from wherever it runs (driver or Ray worker)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 900):  # the REST API caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 900], synchronous=True)
+
+
+def register_model(client: MlflowClient, name: str, run_id: str, artifact_path: str, description: str = "") -> str:
+    """Register ``<run artefacts>/<artifact_path>`` as a new version of ``name``; returns the version."""
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    run = client.get_run(run_id)
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
+    return mv.version

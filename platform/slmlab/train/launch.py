@@ -1,0 +1,47 @@
+"""Build and run the Ray Train ``TorchTrainer`` for one pipeline stage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from slmlab.config import PipelineConfig
+from slmlab.data.shards import Shards
+from slmlab.train.loop import train_loop_per_worker
+
+
+def storage_path(cfg: PipelineConfig) -> str:
+    import os
+
+    return os.environ.get("SLMLAB_STORAGE") or str((Path(cfg.run_dir) / "ray").resolve())
+
+
+def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, tracking_uri: str, mlflow_run_id: str, callbacks=None) -> TorchTrainer:
+    tc = cfg.train
+    datasets = {"train": ray.data.read_parquet(str(shards.train_dir)), "val": ray.data.read_parquet(str(shards.val_dir))}
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # same blocks in the same order every epoch: resumes replay exactly
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "pipeline": cfg.model_dump(mode="json"),
+            "tokenizer_path": str(shards.tokenizer_path.resolve()),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=options),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks,
+        ),
+    )

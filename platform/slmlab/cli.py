@@ -67,5 +67,79 @@ def ui(
     raise typer.Exit(subprocess.call(cmd))
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="models:/name/version, models:/name@alias, or a checkpoint folder"),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template (instruction-tuned models)"),
+    run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="where the MLflow store lives"),
+) -> None:
+    """Stream a continuation of PROMPT from a trained model (KV-cached)."""
+    import torch
+
+    from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, USER, load_tokenizer
+    from slmlab.generation import generate as generate_tokens
+    from slmlab.tracking import resolve_model_dir
+    from slmlab.train.checkpoint import load_model_dir
+
+    try:
+        folder = resolve_model_dir(model, run_dir)
+        _, net = load_model_dir(folder)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    tok = load_tokenizer(folder / "tokenizer.json")
+    text = f"{USER}{prompt}{END_TURN}{ASSISTANT}" if chat else prompt
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+    stops = [i for i in (tok.token_to_id(EOS), tok.token_to_id(END_TURN)) if i is not None]
+    emitted: list[int] = []
+    shown = ""
+    typer.echo(prompt if not chat else "", nl=False)
+
+    def stream(tokens: list[int]) -> None:
+        nonlocal shown
+        if tokens[0] in stops:
+            return
+        emitted.append(tokens[0])
+        text_now = tok.decode(emitted)
+        if not text_now.endswith("\ufffd"):  # hold back half of a multi-byte character
+            typer.echo(text_now[len(shown):], nl=False)
+            shown = text_now
+
+    generate_tokens(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stop_token_ids=stops, generator=torch.Generator().manual_seed(seed), on_token=stream)
+    typer.echo(tok.decode(emitted)[len(shown):])
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="models:/name/version, models:/name@alias, or a checkpoint folder"),
+    out: Path = typer.Argument(..., help="output folder (written atomically)"),
+    format: str = typer.Option("hf", "--format", help="hf: transformers LlamaForCausalLM / MixtralForCausalLM"),
+    run_dir: Path = typer.Option(Path("runs"), "--run-dir"),
+) -> None:
+    """Export a model for other tools (Hugging Face transformers: no custom code needed)."""
+    from slmlab.tracking import resolve_model_dir
+    from slmlab.train.checkpoint import load_model_dir
+
+    if format != "hf":
+        _fail(f"--format: expected hf, found {format!r}")
+    try:
+        folder = resolve_model_dir(model, run_dir)
+        cfg, net = load_model_dir(folder)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    if cfg.family != "vectorslm":
+        _fail(f"{folder}: family: expected vectorslm (the Llama/Mixtral-compatible family), found {cfg.family!r}")
+    from slmlab.hf_interop import export_hf
+
+    path = export_hf(net, cfg, out, tokenizer_file=folder / "tokenizer.json")
+    typer.echo(f"wrote {path} ({'MixtralForCausalLM' if cfg.moe else 'LlamaForCausalLM'})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -15,45 +15,12 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slmlab.data.config import DataConfig, SourceConfig, Strict, TokenizerConfig  # noqa: F401
 from slmlab.models import FAMILIES
 
 
 class ConfigError(ValueError):
     """A pipeline file that cannot run; ``str(err)`` is one line per problem."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SourceConfig(Strict):
-    kind: Literal["embedded", "text", "jsonl", "parquet", "hf", "hf_disk"] = "embedded"
-    path: str | None = None  # file, folder or glob (text/jsonl/parquet/hf_disk), dataset name (hf); unused for embedded
-    text_field: str = "text"  # column holding the document text (jsonl/parquet/hf)
-    weight: float = Field(1.0, gt=0)  # relative share of this source in the token mixture
-    split: str = "train"  # split name for hf sources
-    max_documents: int | None = Field(None, gt=0)  # cap per source, for quick experiments
-
-    @model_validator(mode="after")
-    def _path_required(self) -> "SourceConfig":
-        if self.kind != "embedded" and not self.path:
-            raise ValueError(f"a {self.kind!r} source needs 'path'")
-        return self
-
-
-class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig()], min_length=1)
-    seq_len: int = Field(256, ge=8)  # tokens the model sees per example; blocks hold seq_len + 1 so targets shift by one
-    val_fraction: float = Field(0.05, gt=0, lt=0.5)  # documents held out (split by document, so no block straddles)
-    tokenize_batch_size: int = Field(512, ge=1)  # documents per Ray Data batch; one padded block is wasted per batch
-    tokenize_concurrency: int = Field(2, ge=1)  # tokenizer actors; each takes half a CPU so reads are not starved
-    shuffle_buffer: int = Field(256, ge=0)  # rows in the per-worker shuffle buffer (0 = file order)
-
-
-class TokenizerConfig(Strict):
-    vocab_size: int = Field(16384, ge=300)  # byte-level BPE: 256 byte symbols + merges + specials
-    sample_bytes: int = Field(50_000_000, ge=1000)  # bounded training sample so huge corpora stay cheap
-    min_frequency: int = Field(2, ge=1)  # merges seen fewer times are noise on small corpora
 
 
 class TrainConfig(Strict):
@@ -80,12 +47,6 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)  # older ones are deleted by Ray
     log_every: int = Field(1, ge=1)  # steps between training-metric logs
     max_failures: int = Field(0, ge=-1)  # Ray restarts from the last checkpoint this many times (-1 = forever)
-
-    @model_validator(mode="after")
-    def _checks(self) -> "TrainConfig":
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
-        return self
 
 
 class EvalConfig(Strict):
@@ -171,7 +132,7 @@ def _format_errors(source: str, err: ValidationError) -> str:
         if len(loc) >= 2 and loc[0] == "model" and loc[1] in FAMILIES:
             del loc[1]
         path = ".".join(loc) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: {path}: expected no such field (unknown key), found {_describe(e['input'])}")
         elif e["type"] == "missing":
@@ -190,8 +151,8 @@ def _cross_checks(cfg: PipelineConfig, source: str) -> None:
         problems.append(f"{source}: data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.data.seq_len}")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.max_steps:
         problems.append(f"{source}: train.stop_at_step: expected at most train.max_steps={cfg.train.max_steps}, found {cfg.train.stop_at_step}")
-    if cfg.train.use_gpu and cfg.train.precision == "fp16" and cfg.train.zero_stage == 3 and cfg.train.offload_optimizer:
-        pass  # valid on GPU; listed so the combination is a conscious choice
+    if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
+        problems.append(f"{source}: train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0")
     if problems:
         raise ConfigError("\n".join(problems))
 

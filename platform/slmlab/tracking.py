@@ -75,3 +75,21 @@ def register_model(client: MlflowClient, name: str, run_id: str, artifact_path: 
     run = client.get_run(run_id)
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
     return mv.version
+
+
+def resolve_model_dir(ref: str, run_dir: str | Path = "runs") -> Path:
+    """A local folder holding model.safetensors + model_config.json + tokenizer.json, from either
+    an MLflow model URI (``models:/name/version``, ``models:/name@alias``, ``runs:/id/model``) or a
+    checkpoint directory (a run's model folder, or a Ray checkpoint of a finished run)."""
+    if ref.startswith(("models:/", "runs:/")):
+        client_for(run_dir)  # points mlflow at the store
+        try:
+            return Path(mlflow.artifacts.download_artifacts(ref))
+        except mlflow.exceptions.MlflowException as err:
+            raise FileNotFoundError(f"{ref}: expected a registered model or run artefact in {tracking_uri(run_dir)}, found none ({err.message.splitlines()[0]})") from None
+    path = Path(ref)
+    if (path / "model").is_dir() and not (path / "model_config.json").exists():
+        path = path / "model"
+    if not (path / "model_config.json").exists():
+        raise FileNotFoundError(f"{ref}: expected an MLflow model URI or a folder with model_config.json and model.safetensors, found neither")
+    return path

@@ -1,0 +1,61 @@
+"""Shared fixtures: a real local Ray on loopback, real corpora when present, isolated run dirs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind Ray to 127.0.0.1
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite store under tmp_path
+os.environ.pop("RAY_ADDRESS", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from slmlab.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    return SHARED_DATA
+
+
+def tiny_pipeline_dict(base: Path, **overrides) -> dict:
+    """A pipeline small enough to run end to end in well under a minute of training.
+    ``overrides`` use ``__`` for nesting: ``model__n_heads=5``."""
+    raw = {
+        "name": "tiny",
+        "seed": 7,
+        "run_dir": str(base / "runs"),
+        "data": {"sources": [{"kind": "embedded", "max_documents": 120}], "seq_len": 32, "val_fraction": 0.1},
+        "tokenizer": {"vocab_size": 512},
+        "model": {"family": "vectorslm", "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+        "train": {"micro_batch_size": 4, "max_steps": 8, "warmup_steps": 1, "eval_every": 4, "eval_batches": 2,
+                  "checkpoint_every": 4, "lr": 0.02, "torch_threads": 1, "cpus_per_worker": 0.5},
+        "eval": {"prompts": ["The "], "max_new_tokens": 4},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return raw
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    return lambda **overrides: tiny_pipeline_dict(tmp_path, **overrides)

@@ -1,19 +1,34 @@
-"""Tokenize and pack documents on Ray Data into parquet shards, cached by a content key.
+"""Build tokenized, packed parquet shards on Ray Data, cached by a content key.
 
 Layout of one cache entry (``<run_dir>/cache/data/<key>/``)::
 
-    tokenizer.json, tokenizer_config.json   the trained byte-level BPE
+    tokenizer.json, tokenizer_config.json   the trained byte-level BPE (loads in transformers as a fast tokenizer)
     train/*.parquet, val/*.parquet          rows: input_ids int32[seq_len+1], target_mask int8[seq_len+1]
-    summary.json                            documents, tokens, bytes, bytes/token, per-source shares
+    train/part-KKK/, val/part-KKK/          instead, when data.partition is set: one folder per partition
+    documents.parquet                       one row per usable document: doc_id, source, split, partition, tokens, copies
+    summary.json                            documents, tokens, bytes, bytes/token, mixture requested vs achieved,
+                                            partition sizes, bad records (counts + first file:line examples)
     _SUCCESS                                written last: an entry without it is never reused
 
-Documents are split into train/validation by a hash of their text (so the same document always
-lands on the same side), tokenized, terminated by EOS and packed back to back into blocks of
-``seq_len + 1`` tokens. Only the last block of each Ray Data batch is padded; pad positions have
-``target_mask = 0`` so they never count in the loss, in perplexity or in bits per byte.
+Stages (each on Ray Data; see :mod:`~slmlab.data.sources`, :mod:`~slmlab.data.mixture`,
+:mod:`~slmlab.data.packing` for the rules):
+
+1. read every source into normalized documents, counting bad records; split train/val by a hash of
+   the text (the same text always lands on the same side);
+2. train the tokenizer on a bounded sample (``tokenizer.sample_bytes``) drawn from every source in
+   proportion to its weight, in a seeded order;
+3. tokenize every document in tokenizer actors (and label its topic when partitioning by topic);
+4. plan the mixture and partitions on the driver from per-document token counts;
+5. apply the plan (repeat / drop documents, assign partitions), interleave sources with a seeded
+   shuffle when there is more than one, pack and write one file per batch and group; the packed
+   target tokens are checked against the plan, token for token.
+
+The key hashes the data/tokenizer config, the seed and the *content* of local files (blake2b in 1 MiB
+chunks), so an edited corpus rebuilds and an unchanged one is reused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,13 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from slmlab.config import PipelineConfig
-from slmlab.data.sources import read_documents, source_fingerprint
+from slmlab.data import chat
+from slmlab.data.mixture import make_plan
+from slmlab.data.packing import Finalize, PackAndWrite, TokenizeDocs
+from slmlab.data.sources import FATAL, FMT_CHAT, TRAIN, VAL, read_documents, resolve_source
 from slmlab.data.tokenizer import EOS, PAD, load_tokenizer, token_byte_lengths, train_bpe
 
-FORMAT_VERSION = 1  # bump when the shard layout or packing changes: old cache entries are ignored
+FORMAT_VERSION = 2  # bump when the shard layout or packing changes: old cache entries are ignored
+MAX_EXAMPLES = 5  # bad-record examples kept per source
+SPLITS = ((TRAIN, "train"), (VAL, "val"))
 
 
 @dataclass(frozen=True)
@@ -50,91 +73,178 @@ class Shards:
         return self.root / "val"
 
     @property
+    def documents_path(self) -> Path:
+        return self.root / "documents.parquet"
+
+    @property
     def summary(self) -> dict:
         return json.loads((self.root / "summary.json").read_text())
 
+    @property
+    def num_partitions(self) -> int:
+        """0 when the data is not partitioned."""
+        parts = self.summary.get("partitions")
+        return parts["num_partitions"] if parts else 0
 
-def cache_key(cfg: PipelineConfig) -> str:
+    def partition_dir(self, k: int, split: str = "train") -> Path:
+        """The shards of partition ``k`` (e.g. ``ray.data.read_parquet(shards.partition_dir(2))``)."""
+        n = self.num_partitions
+        if not n:
+            raise ValueError("these shards are not partitioned (set data.partition)")
+        if not 0 <= k < n:
+            raise IndexError(f"partition {k}: expected 0 <= k < {n}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split: expected 'train' or 'val', found {split!r}")
+        return self.root / split / f"part-{k:03d}"
+
+
+def cache_key(cfg: PipelineConfig, fingerprints: list | None = None) -> str:
+    if fingerprints is None:
+        cache_dir = Path(cfg.run_dir) / "cache"
+        fingerprints = [resolve_source(i, s, cache_dir).fingerprint for i, s in enumerate(cfg.data.sources)]
     payload = {
         "format": FORMAT_VERSION,
         "seed": cfg.seed,
         "data": cfg.data.model_dump(mode="json", exclude={"tokenize_concurrency", "shuffle_buffer"}),
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
-        "sources": source_fingerprint(cfg.data),
+        "sources": fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _split_of(text: str, seed: int, val_fraction: float) -> str:
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "little")
-    return "val" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
+# ---------------------------------------------------------------------------------------------
+# helpers
 
 
-class TokenizeAndPack:
-    """Ray Data actor: one tokenizer per actor, loaded once."""
-
-    def __init__(self, tokenizer_path: str, seq_len: int):
-        self.tok = load_tokenizer(tokenizer_path)
-        self.eos = self.tok.token_to_id(EOS)
-        self.pad = self.tok.token_to_id(PAD)
-        self.block = seq_len + 1
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [str(t) for t in batch["text"]]
-        encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(self.tok, "encode_batch_fast") else self.tok.encode_batch(texts, add_special_tokens=False)
-        pieces = []
-        for enc in encodings:
-            pieces.append(np.asarray(enc.ids, dtype=np.int32))
-            pieces.append(np.asarray([self.eos], dtype=np.int32))
-        ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-        n_blocks = max(1, -(-len(ids) // self.block))
-        flat = np.full(n_blocks * self.block, self.pad, dtype=np.int32)
-        flat[: len(ids)] = ids
-        mask = np.zeros(n_blocks * self.block, dtype=np.int8)
-        mask[: len(ids)] = 1
-        return {"input_ids": flat.reshape(n_blocks, self.block), "target_mask": mask.reshape(n_blocks, self.block)}
+@contextlib.contextmanager
+def _ordered():
+    """Deterministic row order for the whole build (limits, samples, file order)."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
 
 
-def _tokenizer_sample(docs: ray.data.Dataset, max_bytes: int):
+def _good(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("bad"), ""))
+
+
+class _SampleFilter:
+    def __init__(self, p_max: np.ndarray):
+        self.p_max = p_max
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        src = batch.column("source").to_numpy()
+        keep = (batch.column("split").to_numpy() == TRAIN) & (batch.column("key").to_numpy() < self.p_max[src])
+        return batch.filter(pa.array(keep)).select(["source", "key", "fmt", "text", "nbytes"])
+
+
+class _DocStats:
+    """Per-batch partial statistics of the read stage (merged on the driver)."""
+
+    def __init__(self, n_sources: int):
+        self.n = n_sources
+
+    def __call__(self, batch: pa.Table) -> dict:
+        src = batch.column("source").to_numpy().astype(np.int64)
+        split = batch.column("split").to_numpy().astype(np.int64)
+        nbytes = batch.column("nbytes").to_numpy()
+        bad = batch.column("bad").to_pylist()
+        good = np.array([b == "" for b in bad], dtype=bool)
+        docs = np.zeros((2, self.n), np.int64)
+        byts = np.zeros((2, self.n), np.int64)
+        np.add.at(docs, (split[good], src[good]), 1)
+        np.add.at(byts, (split[good], src[good]), nbytes[good])
+        bad_by: dict = {}
+        examples: dict = {}
+        fatal: list = []
+        where = batch.column("where").to_pylist()
+        for i in np.flatnonzero(~good):
+            reason, s = bad[i], int(src[i])
+            if reason.startswith(FATAL):
+                fatal.append(reason[len(FATAL):])
+                continue
+            cat = reason.split(" (")[0]
+            bad_by.setdefault(s, {}).setdefault(cat, 0)
+            bad_by[s][cat] += 1
+            ex = examples.setdefault(s, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(f"{where[i]}: {reason}")
+        return {"stats": [json.dumps({"docs": docs.tolist(), "bytes": byts.tolist(), "bad": bad_by, "examples": examples, "fatal": fatal})]}
+
+
+def _merge_doc_stats(rows: list[dict], n: int) -> dict:
+    out = {"docs": np.zeros((2, n), np.int64), "bytes": np.zeros((2, n), np.int64),
+           "bad": [dict() for _ in range(n)], "examples": [[] for _ in range(n)], "fatal": []}
+    for row in rows:
+        st = json.loads(row["stats"])
+        out["docs"] += np.asarray(st["docs"], dtype=np.int64)
+        out["bytes"] += np.asarray(st["bytes"], dtype=np.int64)
+        for s, by in st["bad"].items():
+            for cat, c in by.items():
+                out["bad"][int(s)][cat] = out["bad"][int(s)].get(cat, 0) + c
+        for s, ex in st["examples"].items():
+            room = MAX_EXAMPLES - len(out["examples"][int(s)])
+            out["examples"][int(s)] += ex[:room]
+        out["fatal"] += [f for f in st["fatal"] if f not in out["fatal"]]
+    return out
+
+
+def _check_sources(stats: dict, resolved) -> None:
+    if stats["fatal"]:
+        raise ValueError("data.sources: " + "; ".join(stats["fatal"][:5]))
+    for r in resolved:
+        i = r.index
+        if stats["docs"][:, i].sum() == 0:
+            bad = stats["bad"][i]
+            field = r.src.text_field if r.src.format == "text" else f"{r.src.messages_field} or {r.src.prompt_field}/{r.src.response_field}"
+            detail = ", ".join(f"{c} ×{n}" for c, n in sorted(bad.items(), key=lambda kv: -kv[1])) or "no records"
+            examples = "; ".join(stats["examples"][i][:3])
+            raise ValueError(
+                f"data.sources[{i}] ({r.src.kind} {r.src.path or 'stdlib-docs'}, field {field!r}): expected usable documents, "
+                f"found none — {detail}" + (f" — e.g. {examples}" if examples else "")
+            )
+
+
+def _tokenizer_texts(rows: pa.Table, p_tok: np.ndarray, max_bytes: int, by_source: np.ndarray):
+    """Training texts in key order, at most ~max_bytes (chat: the message contents)."""
     seen = 0
-    for row in docs.iter_rows():
-        text = str(row["text"])
-        yield text
-        seen += len(text.encode("utf-8"))
+    for src, key, fmt, text, nbytes in zip(*(rows.column(c).to_pylist() for c in ("source", "key", "fmt", "text", "nbytes"))):
+        if key >= p_tok[src]:
+            continue
         if seen >= max_bytes:
             return
+        seen += nbytes
+        by_source[src] += nbytes
+        yield "\n".join(c for _, c in chat.loads(text)) if fmt == FMT_CHAT else text
 
 
-def _block_stats(byte_len: np.ndarray, eos: int):
-    def stats(batch: dict) -> dict:
-        ids, mask = batch["input_ids"], batch["target_mask"].astype(bool)
-        return {
-            "tokens": [int(mask.sum())],
-            "bytes": [int(byte_len[ids][mask].sum())],
-            "documents": [int(((ids == eos) & mask).sum())],
-            "blocks": [len(ids)],
-            "pad": [int((~mask).sum())],
-        }
-
-    return stats
+def _gather(ds, columns: list[str]) -> pa.Table:
+    tables = [b for b in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None)]
+    return pa.concat_tables(tables) if tables else None
 
 
-def _summarize(folder: Path, tok_path: Path) -> dict:
-    tok = load_tokenizer(tok_path)
-    byte_len = np.asarray(token_byte_lengths(tok), dtype=np.int64)
-    parts = ray.data.read_parquet(str(folder)).map_batches(_block_stats(byte_len, tok.token_to_id(EOS)), batch_format="numpy", batch_size=4096)
-    totals = {"tokens": 0, "bytes": 0, "documents": 0, "blocks": 0, "pad": 0}
-    for row in parts.iter_rows():
-        for k in totals:
-            totals[k] += int(row[k])
-    totals["bytes_per_token"] = totals["bytes"] / max(1, totals["tokens"])
-    return totals
+def _write_empty(folder: Path, seq_len: int) -> None:
+    from ray.data.extensions import ArrowTensorArray
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"input_ids": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int32)),
+                      "target_mask": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int8))})
+    pq.write_table(table, folder / "empty.parquet")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
     """Return the cached shards for ``cfg``, building them on Ray Data when missing."""
-    cache_root = Path(cfg.run_dir) / "cache" / "data"
-    key = cache_key(cfg)
+    cache_dir = Path(cfg.run_dir) / "cache"
+    resolved = [resolve_source(i, s, cache_dir) for i, s in enumerate(cfg.data.sources)]
+    key = cache_key(cfg, [r.fingerprint for r in resolved])
+    cache_root = cache_dir / "data"
     final = cache_root / key
     if (final / "_SUCCESS").exists():
         progress(f"data: reusing cached shards {final}")
@@ -143,41 +253,9 @@ def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
     tmp = cache_root / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
-        docs = read_documents(cfg.data, Path(cfg.run_dir) / "cache")
-        seed, val_fraction = cfg.seed, cfg.data.val_fraction
-
-        def assign_split(batch: dict) -> dict:
-            batch["split"] = np.asarray([_split_of(str(t), seed, val_fraction) for t in batch["text"]])
-            return batch
-
-        docs = docs.map_batches(assign_split, batch_format="numpy").materialize()
-        n_docs = docs.count()
-        if n_docs == 0:
-            raise ValueError("data.sources: expected at least one document, found none")
-
-        progress(f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on up to {cfg.tokenizer.sample_bytes:,} bytes")
-        train_docs = docs.filter(lambda r: r["split"] == "train")
-        tok_path = train_bpe(_tokenizer_sample(train_docs, cfg.tokenizer.sample_bytes), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, tmp / "tokenizer.json")
-
-        for split in ("train", "val"):
-            progress(f"data: tokenizing and packing the {split} split on Ray Data")
-            part = docs.filter(lambda r, s=split: r["split"] == s)
-            packed = part.map_batches(
-                TokenizeAndPack,
-                fn_constructor_args=(str(tok_path), cfg.data.seq_len),
-                batch_size=cfg.data.tokenize_batch_size,
-                batch_format="numpy",
-                concurrency=cfg.data.tokenize_concurrency,
-                num_cpus=0.5,  # whole-CPU actors starve the read tasks on small machines
-            )
-            packed.write_parquet(str(tmp / split))
-
-        summary = {"documents_read": n_docs, "train": _summarize(tmp / "train", tok_path), "val": _summarize(tmp / "val", tok_path)}
-        summary["sources"] = [s.model_dump(mode="json") for s in cfg.data.sources]
-        summary["vocab_size"] = load_tokenizer(tok_path).get_vocab_size()
-        summary["seq_len"] = cfg.data.seq_len
-        if summary["val"]["blocks"] == 0 or summary["train"]["blocks"] == 0:
-            raise ValueError(f"data: expected documents on both sides of the split, found train={summary['train']['blocks']} val={summary['val']['blocks']} blocks (raise data.val_fraction or add text)")
+        with _ordered():
+            summary = _build(cfg, resolved, tmp, progress)
+        summary["key"] = key
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "_SUCCESS").write_text(key)
         if final.exists():  # a concurrent builder won the race; theirs is as good as ours
@@ -189,3 +267,194 @@ def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
         raise
     progress(f"data: wrote {summary['train']['blocks']} train / {summary['val']['blocks']} val blocks to {final}")
     return Shards(final, key)
+
+
+def _build(cfg: PipelineConfig, resolved, out: Path, progress) -> dict:
+    dc, S = cfg.data, len(resolved)
+    labels = [r.label for r in resolved]
+    weights = np.asarray([s.weight for s in dc.sources], dtype=np.float64)
+    shares = weights / weights.sum()
+
+    # 1. read --------------------------------------------------------------------------------
+    progress(f"data: reading {S} source(s): {', '.join(labels)}")
+    docs_all = read_documents(resolved, cfg.seed, dc.val_fraction).materialize()
+    stats = _merge_doc_stats(docs_all.map_batches(_DocStats(S), batch_format="pyarrow", batch_size=None).take_all(), S)
+    _check_sources(stats, resolved)
+    n_bad = sum(sum(b.values()) for b in stats["bad"])
+    n_docs = int(stats["docs"].sum())
+    progress(f"data: {n_docs:,} documents, {int(stats['bytes'].sum()):,} bytes" + (f"; {n_bad:,} bad records skipped (see summary.json 'bad_records')" if n_bad else ""))
+    docs = docs_all.map_batches(_good, batch_format="pyarrow", batch_size=None)
+
+    # 2. tokenizer sample, from every source by weight ------------------------------------------
+    train_bytes = stats["bytes"][TRAIN].astype(np.float64)
+    p_tok = np.minimum(1.0, shares * cfg.tokenizer.sample_bytes / np.maximum(train_bytes, 1.0))
+    p_max = p_tok.copy()
+    part = dc.partition
+    if part and part.method == "topic":
+        p_topic = min(1.0, part.topic_sample_documents / max(1, int(stats["docs"][TRAIN].sum())))
+        p_max = np.maximum(p_max, p_topic)
+    sample = _gather(docs.map_batches(_SampleFilter(p_max), batch_format="pyarrow", batch_size=None), ["source", "key", "fmt", "text", "nbytes"])
+    if sample is None:
+        sample = pa.table({"source": pa.array([], pa.int32()), "key": pa.array([], pa.float64()), "fmt": pa.array([], pa.int8()),
+                           "text": pa.array([], pa.string()), "nbytes": pa.array([], pa.int64())})
+    sample = sample.take(pc.sort_indices(sample, [("key", "ascending"), ("source", "ascending")]))
+    sample_by_source = np.zeros(S, np.int64)
+    progress(f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on up to {cfg.tokenizer.sample_bytes:,} bytes drawn from every source")
+    tok_path = train_bpe(_tokenizer_texts(sample, p_tok, cfg.tokenizer.sample_bytes, sample_by_source),
+                         cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, out / "tokenizer.json")
+    topic_model = None
+    if part and part.method == "topic":
+        from slmlab.data.topics import fit_topic_model
+
+        keep = pc.less(sample.column("key"), p_topic)
+        texts = [("\n".join(c for _, c in chat.loads(t)) if f == FMT_CHAT else t)
+                 for t, f in zip(sample.column("text").filter(keep).to_pylist(), sample.column("fmt").filter(keep).to_pylist())]
+        progress(f"data: fitting TF-IDF + k-means ({part.num_partitions} topics) on {len(texts):,} documents")
+        topic_model = fit_topic_model(texts, part.num_partitions, cfg.seed, part.topic_max_features)
+    del sample
+
+    # 3. tokenize ----------------------------------------------------------------------------
+    progress(f"data: tokenizing on Ray Data ({dc.tokenize_concurrency} tokenizer actor(s))")
+    tokenized = docs.map_batches(
+        TokenizeDocs,
+        fn_constructor_args=(str(tok_path), dc.seq_len, topic_model),
+        batch_size=dc.tokenize_batch_size,
+        batch_format="pyarrow",
+        concurrency=dc.tokenize_concurrency,
+        num_cpus=0.5,  # whole-CPU actors starve the read tasks on small machines
+    ).materialize()
+    del docs_all, docs
+
+    # 4. plan ----------------------------------------------------------------------------------
+    meta_cols = ["doc_id", "source", "split", "fmt", "key", "u", "score", "ntok", "nbytes", "topic", "truncated", "lost"]
+    meta_t = _gather(tokenized, meta_cols)
+    meta = {c: meta_t.column(c).to_numpy(zero_copy_only=False) for c in meta_cols if c != "doc_id"}
+    plan, mixture = make_plan(meta, list(weights), dc.mixture_strategy, labels, part)
+    copies = plan.copies(meta["source"], meta["split"], meta["key"])
+    partition = plan.partition(meta)
+    pq.write_table(pa.table({
+        "doc_id": meta_t.column("doc_id"), "source": meta_t.column("source"),
+        "split": pa.array(np.where(meta["split"] == VAL, "val", "train")),
+        "partition": pa.array(partition), "tokens": meta_t.column("ntok"), "bytes": meta_t.column("nbytes"),
+        "copies": pa.array(copies),
+    }), out / "documents.parquet")
+
+    # 5. apply, interleave, pack, write --------------------------------------------------------
+    final = tokenized.map_batches(Finalize(plan), batch_format="pyarrow", batch_size=None)
+    if S > 1 or copies.max(initial=0) > 1:
+        final = final.random_shuffle(seed=cfg.seed)
+    tok = load_tokenizer(tok_path)
+    byte_lengths = np.asarray(token_byte_lengths(tok), dtype=np.int64)
+    progress(f"data: packing into blocks of {dc.seq_len + 1} tokens" + (f" in {plan.num_partitions} {plan.method} partitions" if part else ""))
+    packed = final.map_batches(
+        PackAndWrite(str(out), dc.seq_len, tok.token_to_id(EOS), tok.token_to_id(PAD), byte_lengths, part is not None),
+        batch_size=dc.pack_batch_size, batch_format="pyarrow",
+    ).take_all()
+
+    files = {r["file"] for r in packed}
+    for split_dir in (out / "train", out / "val"):
+        for f in split_dir.rglob("*") if split_dir.exists() else []:
+            if f.is_file() and str(f) not in files:
+                f.unlink()  # a retried task's leftover
+    groups = [(s, k) for s, _ in SPLITS for k in range(plan.num_partitions if part else 1)]
+    for s, k in groups:
+        folder = out / ("val" if s else "train") / (f"part-{k:03d}" if part else "")
+        if not any(folder.glob("*.parquet")):
+            _write_empty(folder, dc.seq_len)
+
+    # summary, with the conservation check ------------------------------------------------------
+    ntok, fmt = meta["ntok"], meta["fmt"]
+    used = copies * (ntok > 0)
+    want = {}
+    for s, k in groups:
+        sel = (meta["split"] == s) & (partition == k)
+        want[(s, k)] = int((ntok * copies)[sel].sum())
+    got = {g: {"tokens": 0, "bytes": 0, "blocks": 0, "pad": 0} for g in groups}
+    for r in packed:
+        g = got[(int(r["split"]), int(r["part"]))]
+        for f in g:
+            g[f] += int(r[f])
+    for g in groups:
+        if got[g]["tokens"] != want[g]:
+            raise RuntimeError(f"data: packing lost or duplicated tokens in split {SPLITS[g[0]][1]} partition {g[1]}: planned {want[g]}, packed {got[g]['tokens']}")
+
+    summary: dict = {"format_version": FORMAT_VERSION, "seq_len": dc.seq_len, "seed": cfg.seed, "vocab_size": tok.get_vocab_size(),
+                     "documents_read": n_docs}
+    for s, name in SPLITS:
+        tot = {f: sum(got[g][f] for g in groups if g[0] == s) for f in ("tokens", "bytes", "blocks", "pad")}
+        tot["documents"] = int(used[meta["split"] == s].sum())
+        tot["bytes_per_token"] = tot["bytes"] / max(1, tot["tokens"])
+        tot["utilization"] = tot["tokens"] / max(1, tot["blocks"] * dc.seq_len)
+        summary[name] = tot
+    if summary["val"]["blocks"] == 0 or summary["train"]["blocks"] == 0:
+        raise ValueError(f"data: expected documents on both sides of the split, found train={summary['train']['blocks']} val={summary['val']['blocks']} blocks (raise data.val_fraction or add text)")
+
+    summary["sources"] = []
+    for r in resolved:
+        i = r.index
+        summary["sources"].append({
+            "label": r.label, "kind": r.src.kind, "path": r.src.path, "format": r.src.format, "weight": r.src.weight,
+            "files": len(r.files) if not r.uri else None,
+            "documents": int(stats["docs"][:, i].sum()), "bytes": int(stats["bytes"][:, i].sum()),
+            "requested_share": float(shares[i]),
+            "achieved_share": {name: mixture["achieved"][name][r.label] for _, name in SPLITS},
+            "sampling_rate": mixture["rates"][r.label],
+            "tokenizer_sample_bytes": int(sample_by_source[i]),
+            "bad_records": int(sum(stats["bad"][i].values())),
+        })
+    summary["mixture"] = mixture
+    by_reason: dict = {}
+    for b in stats["bad"]:
+        for cat, c in b.items():
+            by_reason[cat] = by_reason.get(cat, 0) + c
+    summary["bad_records"] = {
+        "total": n_bad, "by_reason": by_reason,
+        "by_source": {labels[i]: stats["bad"][i] for i in range(S) if stats["bad"][i]},
+        "examples": [e for ex in stats["examples"] for e in ex][:MAX_EXAMPLES * 2],
+    }
+    summary["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "sample_bytes": int(sample_by_source.sum()),
+                            "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)}}
+    if part:
+        summary["partitions"] = {"method": part.method, "num_partitions": part.num_partitions,
+                                 **({"score": part.score} if part.method == "curriculum" else {})}
+        for s, name in SPLITS:
+            summary["partitions"][name] = [
+                {"partition": k, "documents": int(used[(meta["split"] == s) & (partition == k)].sum()),
+                 "tokens": got[(s, k)]["tokens"], "blocks": got[(s, k)]["blocks"]}
+                for k in range(part.num_partitions)]
+    else:
+        summary["partitions"] = None
+    is_chat = fmt == FMT_CHAT
+    if is_chat.any():
+        summary["instruct"] = {
+            "examples": int(is_chat.sum()),
+            "examples_truncated": int(meta["truncated"][is_chat].sum()),
+            "targets_truncated": int(meta["lost"][is_chat].sum()),
+            "examples_without_targets": int((is_chat & (ntok == 0)).sum()),
+        }
+    return summary
+
+
+def summary_for_mlflow(shards: Shards | dict) -> dict[str, float]:
+    """Flat MLflow metrics of a build: sizes per split, mixture shares requested vs achieved per
+    source (by index), partition sizes, bad-record counts, instruction truncation."""
+    s = shards if isinstance(shards, dict) else shards.summary
+    out: dict[str, float] = {}
+    for split in ("train", "val"):
+        for k in ("documents", "tokens", "bytes", "bytes_per_token", "blocks", "pad", "utilization"):
+            out[f"data/{split}_{k}"] = float(s[split][k])
+    for i, src in enumerate(s["sources"]):
+        out[f"data/source_{i}/share_requested"] = float(src["requested_share"])
+        for split in ("train", "val"):
+            out[f"data/source_{i}/share_achieved_{split}"] = float(src["achieved_share"][split])
+        out[f"data/source_{i}/documents"] = float(src["documents"])
+        out[f"data/source_{i}/bad_records"] = float(src["bad_records"])
+    out["data/bad_records"] = float(s["bad_records"]["total"])
+    if s.get("partitions"):
+        for split in ("train", "val"):
+            for p in s["partitions"][split]:
+                out[f"data/partition_{p['partition']}/{split}_tokens"] = float(p["tokens"])
+                out[f"data/partition_{p['partition']}/{split}_documents"] = float(p["documents"])
+    for k, v in (s.get("instruct") or {}).items():
+        out[f"data/instruct_{k}"] = float(v)
+    return out

@@ -1,12 +1,63 @@
-"""Read the configured sources into one Ray Dataset of documents: columns ``text`` and ``source``."""
+"""Read the configured sources into one Ray Dataset of normalized documents, counting bad records.
+
+Every source becomes rows of one schema (:data:`DOC_SCHEMA`): a usable document (``bad == ""``)
+or a bad record (``bad`` = the reason, ``where`` = ``file:line`` for text/jsonl, the file for
+parquet, the dataset for hf/hf_disk). Nothing is dropped without a row saying why.
+
+What a document is:
+  * ``text`` files — ``doc_separator: blank_line`` (default): a paragraph, i.e. a maximal run of
+    non-blank lines joined with "\\n" (a blank line is empty or whitespace only; "\\r" line ends are
+    dropped); ``line``: every non-blank line; ``file``: the whole decoded file, verbatim. A line that
+    is not UTF-8 is a bad record and is left out of its paragraph.
+  * ``jsonl`` lines, ``parquet`` rows, ``hf``/``hf_disk`` rows — one record each; the text is
+    ``text_field`` (format text) or the chat record (format chat, see :mod:`slmlab.data.chat`).
+    Blank jsonl lines are not records.
+  * ``embedded`` — the stdlib documentation corpus (:mod:`slmlab.data.embedded`), one doc per entry.
+
+Files are read with Ray Data's own readers (``read_binary_files`` for text/jsonl so bad lines can be
+counted one by one, ``read_parquet``), which also take cloud URIs (s3://, gs://). Local paths may be
+files, folders (recursive; hidden ``.``/``_`` names skipped) or globs, expanded here so the cache key
+can hash their contents.
+"""
 from __future__ import annotations
 
+import glob
+import gzip
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
+import numpy as np
+import pyarrow as pa
 
-from slmlab.config import DataConfig, SourceConfig
+from slmlab.data import chat
+from slmlab.data.config import DataConfig, SourceConfig, is_remote
 from slmlab.data.embedded import corpus_version, write_embedded_corpus
+
+FATAL = "FATAL: "  # prefix of a bad-record reason that makes the whole build fail (missing field in a file)
+TRAIN, VAL = 0, 1
+FMT_TEXT, FMT_CHAT = 0, 1
+
+DOC_SCHEMA = pa.schema([
+    ("source", pa.int32()),
+    ("doc_id", pa.string()),
+    ("fmt", pa.int8()),
+    ("text", pa.string()),  # the document, or the chat record as JSON [[role, content], ...]
+    ("nbytes", pa.int64()),  # UTF-8 bytes of the text (chat: of the message contents)
+    ("score", pa.float64()),  # score_field value (NaN when unset)
+    ("split", pa.int8()),  # TRAIN / VAL, by a hash of the text: equal texts land on the same side
+    ("key", pa.float64()),  # uniform [0, 1) per document, by seed: sampling, mixture, order
+    ("u", pa.float64()),  # uniform [0, 1) per text, by seed: random partitions
+    ("bad", pa.string()),  # "" for a usable document, else why the record was not used
+    ("where", pa.string()),
+])
+
+_JSONL_EXT = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+_PARQUET_EXT = (".parquet",)
 
 
 def embedded_corpus_path(cache_dir: Path) -> Path:
@@ -17,44 +68,376 @@ def source_label(index: int, src: SourceConfig) -> str:
     return f"{index}:{src.kind}:{src.path or 'stdlib-docs'}"
 
 
-def read_source(index: int, src: SourceConfig, cache_dir: Path) -> ray.data.Dataset:
-    label = source_label(index, src)
+# ---------------------------------------------------------------------------------------------
+# Resolving paths and fingerprints (driver side)
+
+
+@dataclass
+class Resolved:
+    index: int
+    src: SourceConfig
+    label: str
+    files: list[str] = field(default_factory=list)  # local files to read (sorted)
+    uri: str | None = None  # a cloud URI handed to Ray as is
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    fingerprint: dict = field(default_factory=dict)
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    """blake2b of the file's bytes, read in 1 MiB chunks (hashlib releases the GIL: threads scale)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _list_local(path: str, exts: tuple[str, ...] | None) -> list[str]:
+    if glob.has_magic(path):
+        found = sorted(glob.glob(path, recursive=True))
+        return [p for p in found if not os.path.isdir(p)]
+    if os.path.isdir(path):
+        out = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            out += [os.path.join(root, f) for f in sorted(files) if not _hidden(f) and (exts is None or f.endswith(exts))]
+        return out
+    if os.path.lexists(path):
+        return [path]
+    raise FileNotFoundError(path)
+
+
+def _exts(src: SourceConfig) -> tuple[str, ...] | None:
+    return {"jsonl": _JSONL_EXT, "parquet": _PARQUET_EXT}.get(src.kind)
+
+
+def resolve_source(index: int, src: SourceConfig, cache_dir: Path) -> Resolved:
+    res = Resolved(index, src, source_label(index, src))
+    entry = src.model_dump(mode="json")
+    where = f"data.sources[{index}] ({src.kind} {src.path})"
     if src.kind == "embedded":
-        ds = ray.data.read_json(str(write_embedded_corpus(embedded_corpus_path(cache_dir))))
-    elif src.kind == "jsonl":
-        ds = ray.data.read_json(src.path)
+        res.files = [str(write_embedded_corpus(embedded_corpus_path(cache_dir)))]
+        entry["version"] = corpus_version()
+    elif src.kind in ("text", "jsonl", "parquet") and is_remote(src.path):
+        res.uri = src.path  # remote content is not hashed: use versioned URIs for reproducible caches
+    elif src.kind in ("text", "jsonl", "parquet"):
+        try:
+            listed = _list_local(src.path, _exts(src))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: expected a file, folder or glob, found no such path") from None
+        if not listed:
+            raise FileNotFoundError(f"{where}: expected {'/'.join(_exts(src) or ('any',))} files, found none")
+        for p in listed:
+            try:
+                with open(p, "rb"):
+                    pass
+                res.files.append(p)
+            except OSError as err:
+                res.unreadable.append((p, f"unreadable file ({type(err).__name__}: {err.strerror or err})"))
+        with ThreadPoolExecutor(4) as pool:
+            digests = list(pool.map(file_digest, res.files))
+        entry["files"] = [[os.path.abspath(p), d] for p, d in zip(res.files, digests)]
+        entry["unreadable"] = [p for p, _ in res.unreadable]
+    elif src.kind == "hf_disk" or (src.kind == "hf" and os.path.isdir(src.path)):
+        if not os.path.isdir(src.path):
+            raise FileNotFoundError(f"{where}: expected a folder written by datasets' save_to_disk, found no such folder")
+        files = _list_local(src.path, None)
+        with ThreadPoolExecutor(4) as pool:
+            entry["files"] = [[os.path.relpath(p, src.path), d] for p, d in zip(files, pool.map(file_digest, files))]
+    # hf by name: identified by name, subset, split and revision (already in `entry`)
+    res.fingerprint = entry
+    return res
+
+
+def source_fingerprint(cfg: DataConfig, cache_dir: Path) -> list:
+    """What identifies the sources' content: the bytes of local files (hashed), the interpreter
+    version for the embedded corpus, names (+ revision) for remote datasets, URIs for cloud paths."""
+    return [resolve_source(i, s, cache_dir).fingerprint for i, s in enumerate(cfg.sources)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization (runs in Ray tasks)
+
+
+def _unit(digest: bytes) -> float:
+    return (int.from_bytes(digest[:8], "little") >> 11) / float(1 << 53)
+
+
+def _type(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+class Rows:
+    """Builds a DOC_SCHEMA table; computes split/key/u by seed."""
+
+    def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float):
+        self.index, self.src, self.seed, self.val_fraction = index, src, seed, val_fraction
+        self.cols = {name: [] for name in DOC_SCHEMA.names}
+
+    def doc(self, doc_id: str, text: str, nbytes: int, score: float = math.nan, fmt: int = FMT_TEXT) -> None:
+        h = hashlib.blake2b(f"{self.seed}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        k = hashlib.blake2b(f"{self.seed}\x00{self.index}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        c = self.cols
+        c["source"].append(self.index)
+        c["doc_id"].append(doc_id)
+        c["fmt"].append(fmt)
+        c["text"].append(text)
+        c["nbytes"].append(nbytes)
+        c["score"].append(score)
+        c["split"].append(VAL if _unit(h) < self.val_fraction else TRAIN)
+        c["key"].append(_unit(k))
+        c["u"].append(_unit(h[8:]))
+        c["bad"].append("")
+        c["where"].append("")
+
+    def bad(self, where: str, reason: str) -> None:
+        c = self.cols
+        for name, v in (("source", self.index), ("doc_id", ""), ("fmt", FMT_TEXT), ("text", ""), ("nbytes", 0),
+                        ("score", math.nan), ("split", TRAIN), ("key", 0.0), ("u", 0.0), ("bad", reason), ("where", where)):
+            c[name].append(v)
+
+    def record(self, rec: dict, where: str, default_id: str) -> None:
+        """One jsonl/parquet/hf record → a document or a bad row."""
+        src = self.src
+        score = math.nan
+        if src.score_field:
+            v = rec.get(src.score_field)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
+                return self.bad(where, f"field {src.score_field!r} is {_type(v) if v is not None else 'missing'}, expected a finite number")
+            score = float(v)
+        doc_id = str(rec[src.id_field]) if src.id_field and rec.get(src.id_field) is not None else default_id
+        if src.format == "chat":
+            messages, reason = chat.normalize_chat(rec, src)
+            if reason:
+                return self.bad(where, reason)
+            return self.doc(doc_id, chat.dumps(messages), chat.content_bytes(messages), score, FMT_CHAT)
+        if src.text_field not in rec:
+            return self.bad(where, f"missing field {src.text_field!r}")
+        text = rec[src.text_field]
+        if not isinstance(text, str):
+            return self.bad(where, f"field {src.text_field!r} is {_type(text)}, expected a string")
+        if not text.strip():
+            return self.bad(where, "empty text")
+        self.doc(doc_id, text, len(text.encode("utf-8", "surrogatepass")), score)
+
+    def table(self) -> pa.Table:
+        return pa.table({n: pa.array(self.cols[n], type=DOC_SCHEMA.field(n).type) for n in DOC_SCHEMA.names}, schema=DOC_SCHEMA)
+
+
+def _lines(path: str, data: bytes, rows: Rows):
+    """Yield (line_no, str) of the decodable lines; bad (non-UTF-8) lines become bad rows."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                yield n, raw.decode("utf-8").removesuffix("\r")
+            except UnicodeDecodeError as err:
+                rows.bad(f"{path}:{n}", f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
+        return
+    for n, line in enumerate(text.split("\n"), 1):
+        yield n, line.removesuffix("\r")
+
+
+def parse_text(path: str, data: bytes, rows: Rows) -> None:
+    sep = rows.src.separator
+    if sep == "file":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\n".join(line for _, line in _lines(path, data, rows))
+        if text.strip():
+            rows.doc(f"{path}:1", text, len(text.encode("utf-8")))
+        return
+    para: list[str] = []
+    start = 0
+    for n, line in _lines(path, data, rows):
+        if not line.strip():
+            if para:
+                text = "\n".join(para)
+                rows.doc(f"{path}:{start}", text, len(text.encode("utf-8")))
+                para = []
+            continue
+        if sep == "line":
+            rows.doc(f"{path}:{n}", line, len(line.encode("utf-8")))
+            continue
+        if not para:
+            start = n
+        para.append(line)
+    if para:
+        text = "\n".join(para)
+        rows.doc(f"{path}:{start}", text, len(text.encode("utf-8")))
+
+
+def _fields_of(src: SourceConfig) -> str:
+    if src.format == "chat":
+        return f"{src.messages_field!r} (or {src.prompt_field!r}/{src.response_field!r})"
+    return repr(src.text_field)
+
+
+def parse_jsonl(path: str, data: bytes, rows: Rows) -> None:
+    src = rows.src
+    records = missing = 0
+    seen_keys: set[str] = set()
+    for n, line in _lines(path, data, rows):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            rows.bad(where, f"invalid JSON ({err.msg})")
+            continue
+        if not isinstance(rec, dict):
+            rows.bad(where, f"not a JSON object ({_type(rec)})")
+            continue
+        records += 1
+        if len(seen_keys) < 50:
+            seen_keys.update(list(rec)[:50])
+        if not _has_field(rec, src):
+            missing += 1
+        rows.record(rec, where, where)
+    if records and missing == records:
+        rows.bad(path, f"{FATAL}{path}: no record has field {_fields_of(src)} (fields found: {', '.join(sorted(seen_keys)[:20])})")
+
+
+def _has_field(rec: dict, src: SourceConfig) -> bool:
+    if src.format == "chat":
+        return src.messages_field in rec or src.prompt_field in rec or src.response_field in rec
+    return src.text_field in rec
+
+
+class ParseFiles:
+    """map_batches fn over read_binary_files rows (``bytes``, ``path``): text or jsonl files → docs."""
+
+    def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float):
+        self.args = (index, src, seed, val_fraction)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = Rows(*self.args)
+        src = rows.src
+        for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+            if path.endswith(".gz"):
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError) as err:
+                    rows.bad(path, f"unreadable file (gzip: {err})")
+                    continue
+            if not data.strip():
+                rows.bad(path, "empty file")
+                continue
+            if src.kind == "text":
+                parse_text(path, data, rows)
+            else:
+                parse_jsonl(path, data, rows)
+        return rows.table()
+
+
+class NormalizeRecords:
+    """map_batches fn over parquet / Hugging Face rows → docs."""
+
+    def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float, where: str | None):
+        self.args = (index, src, seed, val_fraction)
+        self.where = where  # fixed location (datasets); None: the row's `path` column (parquet)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = Rows(*self.args)
+        src = rows.src
+        names = set(batch.column_names)
+        wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
+        if batch.num_rows and not names.intersection(wanted):
+            place = self.where or batch.column("path")[0].as_py()
+            rows.bad(place, f"{FATAL}{place}: no column {_fields_of(src)} (columns: {', '.join(sorted(names - {'path'}))})")
+            return rows.table()
+        for rec in batch.to_pylist():
+            path = rec.pop("path", None)
+            row_hash = rec.pop("row_hash", None)  # parquet: deterministic per (file, row)
+            row = rec.pop("__row__", None)  # datasets: the row number
+            where = self.where or path
+            if row is not None:
+                where = doc_id = f"{where}[{row}]"
+            elif row_hash is not None:
+                doc_id = f"{where}#{row_hash:016x}"
+            else:  # streamed datasets: no row number; the record's content names it
+                doc_id = f"{where}#{hashlib.blake2b(repr(sorted(rec.items())).encode(), digest_size=8).hexdigest()}"
+            rows.record(rec, where, doc_id)
+        return rows.table()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data readers
+
+
+def _hf_dataset(res: Resolved):
+    import datasets
+
+    src = res.src
+    where = f"data.sources[{res.index}] ({src.kind} {src.path})"
+    if src.kind == "hf_disk":
+        ds = datasets.load_from_disk(src.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise ValueError(f"{where}: expected split {src.split!r}, found splits {sorted(ds)}")
+            ds = ds[src.split]
+    else:
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=src.streaming, revision=src.revision)
+    cols = getattr(ds, "column_names", None)
+    wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
+    if cols and not set(cols).intersection(wanted):
+        raise ValueError(f"{where}: expected field {_fields_of(src)}, found columns {sorted(cols)}")
+    if isinstance(ds, datasets.Dataset):
+        ds = ds.flatten_indices() if ds._indices is not None else ds
+        ds = ds.add_column("__row__", np.arange(len(ds), dtype=np.int64))
+    elif src.max_documents:
+        ds = ds.take(src.max_documents)  # streamed: bound what is downloaded
+    return ds
+
+
+def read_source(res: Resolved, seed: int, val_fraction: float):
+    """One source → a Ray Dataset of DOC_SCHEMA rows (usable docs capped at max_documents)."""
+    import ray
+
+    src = res.src
+    args = (res.index, src, seed, val_fraction)
+    if src.kind in ("text", "jsonl", "embedded"):
+        paths = res.uri or res.files
+        exts = [e.lstrip(".") for e in _JSONL_EXT] if src.kind == "jsonl" and res.uri else None
+        ds = ray.data.read_binary_files(paths, include_paths=True, file_extensions=exts)
+        ds = ds.map_batches(ParseFiles(*args), batch_size=1, batch_format="pyarrow")
     elif src.kind == "parquet":
-        ds = ray.data.read_parquet(src.path, columns=[src.text_field])
-    elif src.kind == "text":
-        ds = ray.data.read_text(src.path)  # one document per line
-    else:  # pragma: no cover - routed by config validation
-        raise NotImplementedError(f"source kind {src.kind!r}")
-    field = "text" if src.kind in ("embedded", "text") else src.text_field
+        cols = None
+        if res.files:
+            import pyarrow.parquet as pq
+
+            for f in res.files:
+                names = pq.read_schema(f).names
+                wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
+                if not set(names).intersection(wanted):
+                    raise ValueError(f"data.sources[{res.index}] ({res.label}): {f}: expected column {_fields_of(src)}, found columns {names}")
+            extra = [c for c in (src.id_field, src.score_field, src.system_field) if c]
+            wanted_all = ([src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]) + extra
+            cols = sorted(set(wanted_all) & set().union(*(pq.read_schema(f).names for f in res.files)))
+        ds = ray.data.read_parquet(res.uri or res.files, columns=cols, include_paths=True, include_row_hash=True, partitioning=None)
+        ds = ds.map_batches(NormalizeRecords(*args, None), batch_format="pyarrow")
+    else:
+        ds = ray.data.from_huggingface(_hf_dataset(res))
+        ds = ds.map_batches(NormalizeRecords(*args, f"{src.kind}:{src.path}"), batch_format="pyarrow")
+    if res.unreadable:
+        rows = Rows(*args)
+        for p, reason in res.unreadable:
+            rows.bad(p, reason)
+        ds = ds.union(ray.data.from_arrow(rows.table()))
     if src.max_documents:
-        ds = ds.limit(src.max_documents)
-
-    def select(batch):
-        return {"text": batch[field], "source": [label] * len(batch[field])}
-
-    return ds.map_batches(select, batch_format="numpy")
+        ds = ds.materialize()
+        good = ds.filter(lambda r: r["bad"] == "").limit(src.max_documents)
+        ds = good.union(ds.filter(lambda r: r["bad"] != ""))
+    return ds
 
 
-def read_documents(cfg: DataConfig, cache_dir: Path) -> ray.data.Dataset:
-    parts = [read_source(i, s, cache_dir) for i, s in enumerate(cfg.sources)]
+def read_documents(resolved: list[Resolved], seed: int, val_fraction: float):
+    parts = [read_source(r, seed, val_fraction) for r in resolved]
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def source_fingerprint(cfg: DataConfig) -> list:
-    """What identifies the sources' content: file sizes and mtimes for local paths, the
-    interpreter version for the embedded corpus, names for remote datasets."""
-    out = []
-    for s in cfg.sources:
-        entry = s.model_dump(mode="json")
-        if s.kind == "embedded":
-            entry["version"] = corpus_version()
-        elif s.path and Path(s.path).exists():
-            p = Path(s.path)
-            files = sorted(p.rglob("*")) if p.is_dir() else [p]
-            entry["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-        out.append(entry)
-    return out

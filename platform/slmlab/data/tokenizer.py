@@ -17,6 +17,14 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END_TURN]  # PAD first so its id is 0
 
+# the chat rendering of slmlab.data.chat, as a Jinja template for transformers' apply_chat_template
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out: Path) -> Path:
     tok = Tokenizer(models.BPE())
@@ -49,6 +57,7 @@ def write_transformers_config(folder: Path) -> None:
         "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_TURN],
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 

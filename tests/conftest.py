@@ -15,15 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray on loopback, started on first use and kept for later modules (a test that
+    needs the machine to itself, like the `ray job submit` one, may shut it down)."""
     import ray
 
     from slmlab.runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

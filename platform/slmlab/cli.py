@@ -68,6 +68,29 @@ def ui(
 
 
 @app.command()
+def sweep(
+    pipeline: Path = typer.Argument(..., help="pipeline YAML: the base every trial starts from"),
+    space: Optional[Path] = typer.Argument(None, help="search space YAML (see search_spaces/); not needed with --resume"),
+    set_: List[str] = typer.Option([], "--set", help="override a base field: dotted.key=value"),
+    resume: bool = typer.Option(False, "--resume", help="finish this pipeline's last interrupted sweep (Tuner.restore)"),
+) -> None:
+    """Ray Tune sweep: each trial a Ray Train run, ASHA on validation bits per byte, all in MLflow."""
+    from slmlab.config import load_pipeline
+    from slmlab.sweep import SearchSpace, load_space, run_sweep
+
+    try:
+        cfg = load_pipeline(pipeline, set_)
+        if space is None and not resume:
+            _fail("SPACE: expected a search-space YAML (or --resume), found nothing")
+        spec = load_space(space) if space else SearchSpace(params={})
+    except ConfigError as err:
+        _fail(str(err))
+    summary = run_sweep(cfg, spec, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
+    typer.echo(f"[slmlab] sweep {summary['sweep']}: {len(summary['trials'])} trials, {summary['stopped_early']} stopped early by ASHA, "
+               f"{summary['errored']} errored; best: {summary['best']}")
+
+
+@app.command()
 def generate(
     model: str = typer.Argument(..., help="models:/name/version, models:/name@alias, or a checkpoint folder"),
     prompt: str = typer.Option(..., "--prompt", "-p"),
@@ -113,6 +136,22 @@ def generate(
     generate_tokens(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     stop_token_ids=stops, generator=torch.Generator().manual_seed(seed), on_token=stream)
     typer.echo(tok.decode(emitted)[len(shown):])
+
+
+@app.command()
+def report(
+    experiment: str = typer.Argument(..., help="MLflow experiment (a pipeline's name)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: <run-dir>/reports/<experiment>.html)"),
+    run_dir: Path = typer.Option(Path("runs"), "--run-dir"),
+) -> None:
+    """Write a self-contained HTML comparison of an experiment's runs (plots from MLflow data)."""
+    from slmlab.report import write_report
+
+    try:
+        path = write_report(experiment, out or run_dir / "reports" / f"{experiment}.html", run_dir)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -54,16 +54,45 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.8, ge=0)  # 0 = greedy
     top_k: int | None = Field(50, ge=1)
+    quantize_int8: bool = False  # also measure the post-training INT8 model: size and val bits per byte before/after
 
 
 class TrackingConfig(Strict):
     experiment: str | None = None  # MLflow experiment (default: pipeline name)
     register_as: str | None = None  # registered model name (default: pipeline name)
+    label: str | None = None  # the main model's label in comparisons (default: its family)
 
 
 def _model_union():
     classes = tuple(f.config_cls for f in FAMILIES.values())
     return Annotated[Union[classes], Field(discriminator="family")]  # type: ignore[valid-type]
+
+
+class FinetuneConfig(Strict):
+    """Instruction fine-tuning after pretraining: starts from the main model's registered weights,
+    reuses its tokenizer, and computes the loss on assistant answers only."""
+
+    data: DataConfig  # instruction sources (format: chat); the pretrained tokenizer is reused, never retrained
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the pretraining `train` section (lr, max_steps, ...)
+    register_as: str | None = None  # registered model name (default: <pipeline>-sft)
+
+
+class VariantConfig(Strict):
+    """Another model trained on the same shards, tokenizer and token budget as the main one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # label in MLflow; registered as <pipeline>-<name>
+    model: _model_union()  # type: ignore[valid-type]
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_family(cls, v: Any) -> Any:
+        return _check_family(v)
+
+
+def _check_family(v: Any) -> Any:
+    if isinstance(v, dict) and v.get("family") not in FAMILIES:
+        raise ValueError(f"expected family one of {sorted(FAMILIES)}, found {v.get('family')!r}")
+    return v
 
 
 class PipelineConfig(Strict):
@@ -76,13 +105,27 @@ class PipelineConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compare: list[VariantConfig] = Field(default_factory=list)  # more models on the same data and budget
+    finetune: FinetuneConfig | None = None  # instruction fine-tuning of the main model after pretraining
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, v: str) -> str:
+        # resolved once, where the user ran the command: Tune trials and Ray workers run elsewhere
+        return str(Path(v).expanduser().resolve())
 
     @field_validator("model", mode="before")
     @classmethod
     def _known_family(cls, v: Any) -> Any:
-        if isinstance(v, dict) and v.get("family") not in FAMILIES:
-            raise ValueError(f"expected family one of {sorted(FAMILIES)}, found {v.get('family')!r}")
-        return v
+        return _check_family(v)
+
+    def finetune_train(self) -> TrainConfig:
+        assert self.finetune is not None
+        return TrainConfig.model_validate({**self.train.model_dump(), **self.finetune.train})
+
+    @property
+    def label(self) -> str:
+        return self.tracking.label or self.model.family
 
     @property
     def experiment_name(self) -> str:
@@ -151,6 +194,18 @@ def _cross_checks(cfg: PipelineConfig, source: str) -> None:
         problems.append(f"{source}: data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.data.seq_len}")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.max_steps:
         problems.append(f"{source}: train.stop_at_step: expected at most train.max_steps={cfg.train.max_steps}, found {cfg.train.stop_at_step}")
+    for i, variant in enumerate(cfg.compare):
+        if cfg.data.seq_len > variant.model.max_seq_len:
+            problems.append(f"{source}: compare.{i}.model.max_seq_len: expected at least data.seq_len={cfg.data.seq_len}, found {variant.model.max_seq_len}")
+    if len({v.name for v in cfg.compare} | {cfg.label}) != len(cfg.compare) + 1:
+        problems.append(f"{source}: compare: expected distinct names (and none equal to the main label {cfg.label!r}), found {[v.name for v in cfg.compare]}")
+    if cfg.finetune is not None:
+        try:
+            cfg.finetune_train()
+        except ValidationError as err:
+            problems += [line.replace(f"{source}: ", f"{source}: finetune.train.", 1) for line in _format_errors(source, err).splitlines()]
+        if cfg.finetune.data.seq_len > cfg.model.max_seq_len:
+            problems.append(f"{source}: finetune.data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.finetune.data.seq_len}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
         problems.append(f"{source}: train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0")
     if problems:

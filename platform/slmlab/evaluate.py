@@ -61,3 +61,24 @@ def batch_totals(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, b
     valid = labels != IGNORE_INDEX
     n_bytes = byte_lengths[labels.clamp(min=0)][valid].sum()
     return EvalTotals(float(nats), int(valid.sum()), int(n_bytes))
+
+
+def evaluate_folder(model: nn.Module, val_dir, tokenizer_path, batch_size: int = 16, max_batches: int | None = None) -> dict[str, float]:
+    """Validation metrics of ``model`` on a shard folder, in this process (no Ray): used after
+    training, e.g. to compare a quantised model with the one it came from."""
+    import pyarrow.parquet as pq
+
+    from slmlab.data.tokenizer import load_tokenizer, token_byte_lengths
+
+    table = pq.read_table(str(val_dir), columns=["input_ids", "target_mask"])
+    ids = torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)
+    mask = torch.tensor(table.column("target_mask").to_pylist(), dtype=torch.int8)
+    byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(tokenizer_path)))
+    totals = EvalTotals()
+    model.eval()
+    for i, start in enumerate(range(0, len(ids), batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        inputs, labels = split_block(ids[start:start + batch_size], mask[start:start + batch_size])
+        totals.add(batch_totals(model, inputs, labels, byte_lengths))
+    return totals.metrics("val")

@@ -19,8 +19,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # a cluster (or `ray job submit`, which sets RAY_ADDRESS for the driver)
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
         return
-    # local mode: everything bound to loopback, dashboard included
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # local mode: everything bound to loopback, dashboard included (see slmlab/__init__.py)
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        import warnings
+
+        warnings.warn("ray was imported before slmlab with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset: local Ray may "
+                      "advertise a non-loopback address; import slmlab first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,

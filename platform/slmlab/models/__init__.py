@@ -1,3 +1,4 @@
 """Model families. Importing this package registers every family (one file each)."""
 from slmlab.models.base import FAMILIES, Family, FamilyConfig, ModelOutput, build_model, count_parameters  # noqa: F401
 from slmlab.models import vectorslm  # noqa: F401  (registers "vectorslm")
+from slmlab.models import new_llm  # noqa: F401  (registers "new_llm")

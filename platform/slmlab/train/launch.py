@@ -1,6 +1,7 @@
 """Build and run the Ray Train ``TorchTrainer`` for one pipeline stage."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray
@@ -13,16 +14,17 @@ from slmlab.train.loop import train_loop_per_worker
 
 
 def storage_path(cfg: PipelineConfig) -> str:
-    import os
-
     return os.environ.get("SLMLAB_STORAGE") or str((Path(cfg.run_dir) / "ray").resolve())
 
 
-def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, tracking_uri: str, mlflow_run_id: str, callbacks=None) -> TorchTrainer:
+def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, tracking_uri: str, mlflow_run_id: str,
+                  callbacks=None, init_from: Path | None = None) -> TorchTrainer:
     tc = cfg.train
     datasets = {"train": ray.data.read_parquet(str(shards.train_dir)), "val": ray.data.read_parquet(str(shards.val_dir))}
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # same blocks in the same order every epoch: resumes replay exactly
+    # fault-injection knobs (tests of FailureConfig) travel to the workers; nothing else is forwarded
+    injected = {k: v for k, v in os.environ.items() if k.startswith("SLMLAB_FAIL_")}
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
@@ -33,6 +35,7 @@ def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, trackin
             "tokenizer_path": str(shards.tokenizer_path.resolve()),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
+            "init_from": str(Path(init_from).resolve()) if init_from else None,  # weights to start from (fine-tuning)
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         datasets=datasets,
@@ -43,5 +46,6 @@ def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, trackin
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": injected} if injected else None,
         ),
     )

@@ -49,6 +49,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank
 
     model = build_model(cfg.model)
+    if loop_config.get("init_from") and ray.train.get_checkpoint() is None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(Path(loop_config["init_from"]) / "model.safetensors"), strict=False)
     optimizer, scheduler = build_optimizer(model, tc)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, world), dist_init_required=False
@@ -102,8 +106,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[slmlab] {cfg.model.family}: {params:,} parameters, {tokens_per_step:,} tokens/step, world size {world}", flush=True)
         logger.log({"model/parameters": params}, step=step)
 
+    last_val: dict[str, float] = {}  # carried in every report so Tune schedulers always see the metric
+
     if step == 0:
-        metrics = evaluate()
+        metrics = last_val = evaluate()
         if logger:
             logger.log(metrics, step=0)
         ray.train.report({**metrics, "step": 0})
@@ -147,9 +153,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.log(metrics, step=step)
             final = step >= stop_at
             if final or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0:
-                metrics = {"step": step, "epoch": epoch}
                 if final or step % tc.eval_every == 0:
-                    metrics.update(evaluate())
+                    last_val = evaluate()
+                metrics = {**last_val, "step": step, "epoch": epoch}
+                if final or step % tc.eval_every == 0:
                     if logger:
                         logger.log({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
                         print(f"[slmlab] step {step}/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f} val/loss {metrics['val/loss']:.4f}", flush=True)

@@ -1,0 +1,304 @@
+"""Building blocks shared by every model family.
+
+Everything here follows Hugging Face Llama/Mixtral numerics exactly (RMSNorm in fp32, non-interleaved
+"rotate_half" rotary embedding with an fp32 cos/sin table, SwiGLU, softmax-then-top-k routing with
+renormalised weights), so a family built from these layers exports to ``transformers`` with a weight
+rename table and nothing else. The differences are for speed only: fused projections (QKV in one
+matmul, gate+up in one matmul), a static preallocated KV cache, and SDPA with native GQA.
+
+Contents, top to bottom:
+    RMSNorm, RotaryEmbedding / apply_rotary, KVCache, Attention, SwiGLU,
+    MoEConfig, MoEAux, MoEFeedForward
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back before the gain (HF LlamaRMSNorm order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is a single fused kernel; in fp32 it matches HF's pow/mean/rsqrt to rounding.
+        y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (HF Llama convention: first half / second half, not interleaved)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables of shape (max_seq_len, head_dim // 2), always kept in fp32.
+
+    HF builds ``emb = cat(freqs, freqs)`` and applies ``x * cos + rotate_half(x) * sin``; the two halves
+    of its cos/sin are identical, so we store one half and apply the rotation half-wise
+    (``apply_rotary``), which is the same arithmetic with half the table and no ``rotate_half`` copy.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, found {head_dim}")
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = self._tables(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Bit-for-bit HF's default rope: inv_freq = 1 / theta^(2i/d), freqs = pos * inv_freq in fp32.
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        pos = torch.arange(self.max_seq_len, dtype=torch.float, device=device)
+        freqs = pos[:, None] * inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() would cast the tables; rebuild them in fp32 on the new device so
+        # positions stay exact (HF recomputes them in fp32 every forward for the same reason).
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self
+
+    def forward(self, start_pos: int, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + seq_len
+        if end > self.max_seq_len:
+            raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
+        # HF casts cos/sin to the activation dtype before the rotation; so do we (bf16 parity).
+        return self.cos[start_pos:end].to(dtype), self.sin[start_pos:end].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (batch, seq, heads, head_dim) by cos/sin of shape (seq, head_dim // 2).
+
+    Equals HF ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` exactly:
+    first half -> x1*cos - x2*sin, second half -> x2*cos + x1*sin.
+    """
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Static KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layers, batch, n_kv_heads, max_len, head_dim).
+
+    Allocated once per generation, written in place, and read as the valid prefix slice, so a decode
+    step never reallocates or copies the history (cost does not grow with reallocations).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (batch, n_kv_heads, seq, head_dim) at positions [start_pos, start_pos+seq) and
+        return the valid history [0, start_pos+seq) as views (no copy)."""
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with a fused QKV projection and SDPA.
+
+    ``wqkv`` rows are [q heads | k heads | v heads], each head ``head_dim`` rows, which is the row order
+    of HF's q_proj/k_proj/v_proj stacked, so export is a split along dim 0.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, layer_idx: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.layer_idx = layer_idx
+        self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads rotated in one pass
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) views
+
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
+            if start_pos > 0:
+                causal = False
+                if T > 1:  # chunked prefill: query i sits at position start_pos+i and sees keys <= it
+                    q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+                    mask = torch.arange(start_pos + T, device=x.device)[None, :] <= q_pos[:, None]
+                # T == 1 (decode): the single query sees the whole valid prefix, no mask needed
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+
+
+class SwiGLU(nn.Module):
+    """Llama FFN: w_down(silu(x W_gate) * (x W_up)), gate and up fused into one matmul ([gate | up] rows)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+class MoEConfig(BaseModel):
+    """Sparse mixture-of-experts feed-forward settings (shared by every family that uses MoE)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # experts per MoE layer: total FFN parameters grow with it while compute per token does not
+    num_experts: int = Field(8, ge=1)
+    # experts each token is sent to (Mixtral uses 2); compute per token scales with it
+    top_k: int = Field(2, ge=1)
+    # weight of the Switch/Mixtral load-balancing loss; keeps experts evenly used (1.0 = perfectly balanced)
+    load_balance_weight: float = Field(0.01, ge=0.0)
+    # weight of the ST-MoE router z-loss; keeps router logits small so fp32/bf16 softmax stays stable
+    z_loss_weight: float = Field(0.001, ge=0.0)
+    # expert capacity = factor * tokens * top_k / num_experts, overflow dropped in training only; None = dropless
+    capacity_factor: float | None = Field(None, gt=0.0)
+    # std of Gaussian noise added to router logits in training (noisy top-k exploration); 0 = off
+    router_noise: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k: expected at most num_experts={self.num_experts}, found {self.top_k}")
+        return self
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports besides its output (tensors; the model turns them into floats once)."""
+
+    load_balance: torch.Tensor  # scalar, E * sum_e f_e * P_e, 1.0 when routing is uniform
+    z_loss: torch.Tensor  # scalar, mean over tokens of logsumexp(router_logits)^2
+    expert_frac: torch.Tensor  # (num_experts,), share of routed token-slots per expert, sums to 1
+    dropped_frac: torch.Tensor  # scalar, share of token-slots dropped by the capacity limit
+    router_logits: torch.Tensor  # (tokens, num_experts), fp32
+
+    def weighted_loss(self, cfg: MoEConfig) -> torch.Tensor:
+        return cfg.load_balance_weight * self.load_balance + cfg.z_loss_weight * self.z_loss
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts (Mixtral semantics) with dispatch by sorting tokens per expert.
+
+    Routing: fp32 logits -> softmax -> top-k -> renormalise the k weights (exactly HF Mixtral).
+    Dispatch: the (token, slot) assignments are sorted by expert, each expert runs one matmul on its
+    contiguous block of gathered tokens, results are scaled and scatter-added back. The only python
+    loop is over experts. Parameters are stored fused like transformers 5 MixtralExperts:
+    ``w_gate_up`` (E, 2*hidden, dim) with [gate | up] rows, ``w_down`` (E, dim, hidden).
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg, self.dim, self.hidden = cfg, dim, hidden
+        self.router = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.num_experts, 2 * hidden, dim))
+        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, dim, hidden))
+        nn.init.normal_(self.w_gate_up, std=0.02)
+        nn.init.normal_(self.w_down, std=0.02)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 whatever the autocast/param dtype: small logit differences decide
+        which expert runs, and bf16 would flip them."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        N, E, k = x.size(0), self.cfg.num_experts, self.cfg.top_k
+
+        logits = self.route(x)
+        noisy = logits
+        if self.training and self.cfg.router_noise > 0:
+            noisy = logits + torch.randn_like(logits) * self.cfg.router_noise
+        probs = noisy.softmax(dim=-1)
+        top_w, top_e = probs.topk(k, dim=-1)  # (N, k)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+
+        # Sort the N*k (token, slot) assignments by expert; stable, so earlier tokens win capacity.
+        flat_e = top_e.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.bincount(flat_e, minlength=E)
+        kept = counts
+        if self.training and self.cfg.capacity_factor is not None:
+            capacity = max(1, math.ceil(self.cfg.capacity_factor * N * k / E))
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(N * k, device=x.device) - starts.repeat_interleave(counts, output_size=N * k)
+            keep = rank < capacity  # in expert-sorted order
+            order = order[keep]
+            kept = counts.clamp(max=capacity)
+        token_idx = order // k
+
+        xs = x[token_idx]  # (M, dim), tokens grouped by expert
+        outs = []
+        for e, chunk in enumerate(xs.split(kept.tolist())):  # one host sync per layer
+            if chunk.size(0) == 0:
+                continue
+            gate, up = F.linear(chunk, self.w_gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.w_down[e]))
+        # weight and sum the k expert outputs in the residual dtype (fp32 under autocast), as HF does
+        out = torch.zeros_like(x)
+        if outs:  # (empty only if capacity dropped every assignment)
+            ys = torch.cat(outs).to(x.dtype) * top_w.reshape(-1)[order, None].to(x.dtype)
+            out.index_add_(0, token_idx, ys)
+
+        frac = counts.float() / (N * k)
+        aux = MoEAux(
+            load_balance=E * (frac * probs.mean(dim=0)).sum(),
+            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            expert_frac=frac,
+            dropped_frac=1.0 - kept.sum().float() / (N * k),
+            router_logits=logits,
+        )
+        return out.reshape(shape), aux

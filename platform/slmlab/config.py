@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -98,7 +99,7 @@ def _check_family(v: Any) -> Any:
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # experiment and registered-model name
     seed: int = 1234  # data split, shuffling, init and sampling all derive from it
-    run_dir: str = "runs"  # MLflow store, data cache and Ray storage (relative to the working directory)
+    run_dir: str = "runs"  # MLflow store, data cache and Ray storage (relative to the working directory; SLMLAB_RUN_DIR overrides)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: _model_union()  # type: ignore[valid-type]
@@ -235,6 +236,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         where = f"line {mark.line + 1}" if mark else "<file>"
         raise ConfigError(f"{source}: {where}: expected valid YAML, found {getattr(err, 'problem', err)}") from None
     raw = raw if raw is not None else {}
+    if os.environ.get("SLMLAB_RUN_DIR") and isinstance(raw, dict):
+        raw["run_dir"] = os.environ["SLMLAB_RUN_DIR"]  # e.g. shared storage for every job of a cluster
     for item in overrides:
         key, value = parse_override(item)
         if isinstance(raw, dict):

@@ -12,13 +12,15 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS
 def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_ADDRESS"):
+        # a cluster, or `ray job submit` (which sets RAY_ADDRESS for the driver). No runtime_env
+        # here: a job's own runtime env must not be contradicted (Ray refuses to merge them), and
+        # everything workers need travels in the train-loop config or is set by the worker itself.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
     env = dict(WORKER_ENV)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
-    if os.environ.get("RAY_ADDRESS"):
-        # a cluster (or `ray job submit`, which sets RAY_ADDRESS for the driver)
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
-        return
     # local mode: everything bound to loopback, dashboard included (see slmlab/__init__.py)
     from ray._private import ray_constants
 

@@ -19,6 +19,7 @@ CLIENT_STATE = "slmlab_state.json"
 
 
 def _setup_env(cfg) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
     threads = cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker))

@@ -161,7 +161,7 @@ def _log_profile(client, run_id: str, model_dir: Path) -> None:
     cfg, model = load_model_dir(model_dir)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step)
-                                      for k, points in profile(model, cfg.vocab_size).items() for step, v in points])
+                                      for k, points in profile(model, cfg).items() for step, v in points])
 
 
 def _log_int8(client, run_id: str, model_dir: Path, shards, cfg: PipelineConfig, progress) -> None:

@@ -36,9 +36,11 @@ def state_bytes(model: nn.Module, seq_len: int) -> int:
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(model: nn.Module, vocab_size: int, prompt_len: int = 32, new_tokens: int = 64) -> float:
+def decode_tokens_per_s(model: nn.Module, vocab_size: int, max_seq_len: int, prompt_len: int = 32, new_tokens: int = 64) -> float:
     from slmlab.generation import generate
 
+    prompt_len = min(prompt_len, max_seq_len // 4)
+    new_tokens = min(new_tokens, max_seq_len - prompt_len)
     prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     generate(model, prompt, max_new_tokens=4, temperature=0)  # warm-up
     t0 = time.perf_counter()
@@ -46,9 +48,9 @@ def decode_tokens_per_s(model: nn.Module, vocab_size: int, prompt_len: int = 32,
     return (out.shape[1] - prompt_len) / (time.perf_counter() - t0)
 
 
-def profile(model: nn.Module, vocab_size: int) -> dict[str, list[tuple[int, float]]]:
-    """{metric key: [(step, value)]} ready for MLflow."""
+def profile(model: nn.Module, cfg) -> dict[str, list[tuple[int, float]]]:
+    """{metric key: [(step, value)]} ready for MLflow; ``cfg`` is the model's family config."""
     return {
         "infer/state_mib": [(n, state_bytes(model, n) / 2**20) for n in SEQ_LENGTHS],
-        "infer/decode_tokens_per_s": [(0, decode_tokens_per_s(model, vocab_size))],
+        "infer/decode_tokens_per_s": [(0, decode_tokens_per_s(model, cfg.vocab_size, cfg.max_seq_len))],
     }

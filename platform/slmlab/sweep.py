@@ -106,8 +106,39 @@ def run_trial(config: dict, base: dict, parent_run_id: str, sweep_name: str) -> 
     except BaseException:
         client.set_terminated(run_id, status="KILLED")  # ASHA stops trials by cancelling them
         raise
-    finish_run(client, cfg, run_id, result.checkpoint, shards, progress=lambda m: None)
+    try:
+        finish_run(client, cfg, run_id, result.checkpoint, shards, progress=lambda m: None)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+DATA_FIELDS = ("data.", "tokenizer.", "seed")
+
+
+def _prebuild_shards(base: dict, space: SearchSpace, progress) -> None:
+    """Build every shard set the trials will need, here on the driver, before Tune starts.
+
+    Inside a trial, Ray Data would be captured by the trial's placement group (0.01 CPU) and
+    wait forever for CPUs; trials therefore only ever hit the cache. Data-affecting parameters
+    must be discrete (choice or grid) for that reason."""
+    import itertools
+
+    from slmlab.data.shards import build_shards
+
+    data_params = {p: spec for p, spec in space.params.items() if p.startswith(DATA_FIELDS)}
+    for path, spec in data_params.items():
+        kind, values = next(iter(spec.items()))
+        if kind not in ("choice", "grid"):
+            raise ConfigError(f"params.{path}: expected choice or grid for a data/tokenizer field (its shards are built before the sweep), found {kind}")
+    combos = [dict(zip(data_params, values)) for values in itertools.product(*(next(iter(s.values())) for s in data_params.values()))]
+    for combo in combos or [{}]:
+        try:
+            cfg = validate_pipeline(apply_overrides(base, combo), f"sweep data {combo}")
+        except ConfigError:
+            continue  # that trial will fail validation on its own, and be reported as errored
+        build_shards(cfg, progress=progress)
 
 
 def _sweep_state(cfg: PipelineConfig) -> Path:
@@ -142,6 +173,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
             client.log_param(parent.info.run_id, k, str(v)[:6000])
 
     base = cfg.model_dump(mode="json")
+    _prebuild_shards(base, space, progress)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, parent_run_id=state["parent_run_id"], sweep_name=state["name"]),
         {"cpu": 0.01},  # the trial function only waits on its Ray Train run; 0 CPUs is rejected
@@ -150,7 +182,9 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+        # max_t one past the last step: a trial reaching max_t is stopped by ASHA, which would cut
+        # off the trial's own finishing work (weights to MLflow); only rungs below it stop trials
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps + 1,
                                   grace_period=space.grace_steps or cfg.train.eval_every, reduction_factor=space.reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -162,7 +196,8 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
     grid = tuner.fit()
 
     parent_id = state["parent_run_id"]
-    children = client.search_runs([experiment_id], filter_string=f"tags.`slmlab.sweep` = '{state['name']}' and tags.`slmlab.role` != 'sweep-parent'")
+    children = [r for r in client.search_runs([experiment_id], filter_string=f"tags.`slmlab.sweep` = '{state['name']}'")
+                if r.info.run_id != parent_id]
     trials = []
     for r in grid:
         steps = r.metrics.get("step") if r.metrics else None

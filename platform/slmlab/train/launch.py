@@ -17,10 +17,23 @@ def storage_path(cfg: PipelineConfig) -> str:
     return os.environ.get("SLMLAB_STORAGE") or str((Path(cfg.run_dir) / "ray").resolve())
 
 
+MATERIALIZE_BELOW_BYTES = 256 * 2**20  # shards this small are read once into the object store
+
+
+def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
+    """Shards as a Ray Dataset. Small ones (and validation, re-read at every evaluation) are
+    materialized up front: training then needs no read tasks at all, which matters on small
+    machines where a read task waiting for a whole CPU next to the train workers can starve
+    (a streaming read's file listing always asks for 1 CPU). Large corpora stream."""
+    ds = ray.data.read_parquet(str(folder), ray_remote_args={"num_cpus": 0.25})
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
+    return ds.materialize() if always_materialize or size <= MATERIALIZE_BELOW_BYTES else ds
+
+
 def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, tracking_uri: str, mlflow_run_id: str,
                   callbacks=None, init_from: Path | None = None) -> TorchTrainer:
     tc = cfg.train
-    datasets = {"train": ray.data.read_parquet(str(shards.train_dir)), "val": ray.data.read_parquet(str(shards.val_dir))}
+    datasets = {"train": _ingest(shards.train_dir), "val": _ingest(shards.val_dir, always_materialize=True)}
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # same blocks in the same order every epoch: resumes replay exactly
     # fault-injection knobs (tests of FailureConfig) travel to the workers; nothing else is forwarded

@@ -19,17 +19,33 @@ def history(client, run_id, key):
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+FINETUNE = {"data": {"sources": [{"kind": "embedded", "format": "chat", "max_documents": 200}], "seq_len": 32, "val_fraction": 0.1},
+            "train": {"max_steps": 4, "eval_every": 2, "checkpoint_every": 4, "lr": 0.003}}
+
+
 @pytest.fixture(scope="module")
-def finished_run(ray_local, tmp_path_factory):
-    """One tiny pipeline run to completion; several tests read it."""
+def pipeline_runs(ray_local, tmp_path_factory):
+    """One tiny pipeline (pretrain, then instruction fine-tuning) run to completion."""
     from slmlab.pipeline import run_pipeline
     from tests.conftest import tiny_pipeline_dict
 
-    raw = tiny_pipeline_dict(tmp_path_factory.mktemp("e2e"))
+    raw = tiny_pipeline_dict(tmp_path_factory.mktemp("e2e"), finetune=FINETUNE)
     cfg = validate_pipeline(raw)
-    result = run_pipeline(cfg)
+    sft = run_pipeline(cfg)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
-    return cfg, result, client
+    return cfg, sft, client
+
+
+@pytest.fixture(scope="module")
+def finished_run(pipeline_runs):
+    """The pretraining stage of that pipeline, as if it had run alone."""
+    from slmlab.pipeline import RunResult
+
+    cfg, sft, client = pipeline_runs
+    pre_id = client.get_run(sft.mlflow_run_id).data.tags["slmlab.parent_run_id"]
+    pre = client.get_run(pre_id)
+    result = RunResult(pre.info.run_name, pre_id, pre.data.tags["slmlab.registered_version"].split("/")[-1], pre.data.metrics, None)
+    return cfg.model_copy(update={"finetune": None}), result, client
 
 
 def test_run_registers_a_model_with_its_metrics(finished_run):
@@ -82,6 +98,22 @@ def test_resume_continues_at_the_right_step_with_the_same_data(finished_run, tmp
     assert sorted(interrupted) == list(range(1, 9))
     for step in range(1, 9):
         assert interrupted[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+
+
+def test_finetune_starts_from_the_registered_model_and_registers_its_own(pipeline_runs, finished_run):
+    cfg, sft, client = pipeline_runs
+    _, pre, _ = finished_run
+    run = client.get_run(sft.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["slmlab.stage"] == "finetune"
+    assert run.data.tags["mlflow.parentRunId"] == pre.mlflow_run_id
+    assert run.data.tags["slmlab.base_model"] == f"models:/tiny/{pre.model_version}"
+    assert [v.version for v in client.search_model_versions("name='tiny-sft'")] == [sft.model_version]
+    # the loss is on answers only: far fewer target tokens than tokens in the chat shards
+    assert run.data.metrics["data/train_tokens"] > 0
+    # fine-tuning starts from the pretrained weights, not from scratch: its step-0 loss on chat
+    # data is already below that of a fresh model (uniform-ish over the vocabulary)
+    first = min(client.get_metric_history(sft.mlflow_run_id, "val/loss"), key=lambda m: m.step)
+    assert first.step == 0 and first.value < math.log(cfg.tokenizer.vocab_size)
 
 
 def test_cached_shards_are_reused(ray_local, finished_run):

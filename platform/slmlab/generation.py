@@ -2,7 +2,8 @@
 
 Any model works that exposes ``new_cache(batch_size, max_len, device, dtype)`` and
 ``forward(input_ids, cache=..., start_pos=...) -> ModelOutput``; if its forward also accepts
-``logits_to_keep`` only the last position's logits are computed.
+``logits_to_keep`` only the last position's logits are computed, and if it has a ``max_positions``
+attribute, requests longer than that fail before any token is generated.
 
 The prompt is run once (prefill), then one token per step through the cache. All sequences of a batch
 share one prompt length (no padding support): batch prompts of equal length or call once per prompt.
@@ -69,6 +70,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     if max_new_tokens <= 0:
         return input_ids
     B, T = input_ids.shape
+    limit = getattr(model, "max_positions", None)  # set by position-limited families (rotary tables)
+    if limit is not None and T + max_new_tokens > limit:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len={limit}")
     device = input_ids.device
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):

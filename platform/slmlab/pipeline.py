@@ -120,11 +120,12 @@ def _log_start(client, run_id: str, cfg: PipelineConfig, shards) -> None:
     for i in range(0, len(params), 90):
         chunk = list(params.items())[i : i + 90]
         client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in chunk])
+    from slmlab.data.shards import summary_for_mlflow
+
     summary = shards.summary
+    now = int(time.time() * 1000)
     client.log_batch(run_id, params=[mlflow.entities.Param("data.cache_key", shards.key)], metrics=[
-        mlflow.entities.Metric(f"data/{split}_{k}", float(summary[split][k]), int(time.time() * 1000), 0)
-        for split in ("train", "val") for k in ("documents", "tokens", "bytes", "bytes_per_token", "blocks")
-    ])
+        mlflow.entities.Metric(k, float(v), now, 0) for k, v in summary_for_mlflow(shards).items()])
     client.log_dict(run_id, summary, "data/summary.json")
     client.log_artifact(run_id, str(shards.tokenizer_path), "model")
     client.log_artifact(run_id, str(shards.tokenizer_path.parent / "tokenizer_config.json"), "model")

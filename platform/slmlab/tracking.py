@@ -74,7 +74,7 @@ def register_model(client: MlflowClient, name: str, run_id: str, artifact_path: 
         client.create_registered_model(name)
     run = client.get_run(run_id)
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
-    return mv.version
+    return str(mv.version)
 
 
 def resolve_model_dir(ref: str, run_dir: str | Path = "runs") -> Path:

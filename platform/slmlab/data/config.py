@@ -68,8 +68,8 @@ class SourceConfig(Strict):
             raise ValueError(f"a {self.kind!r} source needs 'path'")
         if self.doc_separator is not None and self.kind != "text":
             raise ValueError(f"expected doc_separator only on 'text' sources, found it on a {self.kind!r} source")
-        if self.format == "chat" and self.kind in ("text", "embedded"):
-            raise ValueError(f"expected format 'chat' only on jsonl/parquet/hf/hf_disk sources, found kind {self.kind!r}")
+        if self.format == "chat" and self.kind == "text":
+            raise ValueError(f"expected format 'chat' only on embedded/jsonl/parquet/hf/hf_disk sources, found kind {self.kind!r}")
         if self.path and is_remote(self.path):
             if self.kind not in ("text", "jsonl", "parquet"):
                 raise ValueError(f"expected a cloud URI only for text/jsonl/parquet sources, found kind {self.kind!r}")

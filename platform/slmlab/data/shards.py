@@ -47,11 +47,11 @@ from slmlab.config import PipelineConfig
 from slmlab.data import chat
 from slmlab.data.mixture import make_plan
 from slmlab.data.packing import Finalize, PackAndWrite, TokenizeDocs
-from slmlab.data.sources import FATAL, FMT_CHAT, TRAIN, VAL, read_documents, resolve_source
-from slmlab.data.tokenizer import EOS, PAD, load_tokenizer, token_byte_lengths, train_bpe
+from slmlab.data.sources import FATAL, FMT_CHAT, TRAIN, VAL, _usable, file_digest, read_documents, resolve_source
+from slmlab.data.tokenizer import EOS, PAD, load_tokenizer, token_byte_lengths, train_bpe, write_transformers_config
 
 FORMAT_VERSION = 2  # bump when the shard layout or packing changes: old cache entries are ignored
-MAX_EXAMPLES = 5  # bad-record examples kept per source
+MAX_EXAMPLES = 10  # bad-record examples kept per source: the first of each kind of problem
 SPLITS = ((TRAIN, "train"), (VAL, "val"))
 
 
@@ -98,7 +98,7 @@ class Shards:
         return self.root / split / f"part-{k:03d}"
 
 
-def cache_key(cfg: PipelineConfig, fingerprints: list | None = None) -> str:
+def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_path: str | Path | None = None) -> str:
     if fingerprints is None:
         cache_dir = Path(cfg.run_dir) / "cache"
         fingerprints = [resolve_source(i, s, cache_dir).fingerprint for i, s in enumerate(cfg.data.sources)]
@@ -106,7 +106,8 @@ def cache_key(cfg: PipelineConfig, fingerprints: list | None = None) -> str:
         "format": FORMAT_VERSION,
         "seed": cfg.seed,
         "data": cfg.data.model_dump(mode="json", exclude={"tokenize_concurrency", "shuffle_buffer"}),
-        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        # a reused tokenizer is identified by its content; a trained one by its settings (+ the data)
+        "tokenizer": {"reused": file_digest(str(tokenizer_path))} if tokenizer_path else cfg.tokenizer.model_dump(mode="json"),
         "sources": fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -126,10 +127,6 @@ def _ordered():
         yield
     finally:
         ctx.execution_options.preserve_order = before
-
-
-def _good(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("bad"), ""))
 
 
 class _SampleFilter:
@@ -170,15 +167,15 @@ class _DocStats:
             cat = reason.split(" (")[0]
             bad_by.setdefault(s, {}).setdefault(cat, 0)
             bad_by[s][cat] += 1
-            ex = examples.setdefault(s, [])
-            if len(ex) < MAX_EXAMPLES:
-                ex.append(f"{where[i]}: {reason}")
+            ex = examples.setdefault(s, {})
+            if cat not in ex and len(ex) < MAX_EXAMPLES:
+                ex[cat] = f"{where[i]}: {reason}"  # the first example of each kind of problem
         return {"stats": [json.dumps({"docs": docs.tolist(), "bytes": byts.tolist(), "bad": bad_by, "examples": examples, "fatal": fatal})]}
 
 
 def _merge_doc_stats(rows: list[dict], n: int) -> dict:
     out = {"docs": np.zeros((2, n), np.int64), "bytes": np.zeros((2, n), np.int64),
-           "bad": [dict() for _ in range(n)], "examples": [[] for _ in range(n)], "fatal": []}
+           "bad": [dict() for _ in range(n)], "examples": [dict() for _ in range(n)], "fatal": []}
     for row in rows:
         st = json.loads(row["stats"])
         out["docs"] += np.asarray(st["docs"], dtype=np.int64)
@@ -187,8 +184,10 @@ def _merge_doc_stats(rows: list[dict], n: int) -> dict:
             for cat, c in by.items():
                 out["bad"][int(s)][cat] = out["bad"][int(s)].get(cat, 0) + c
         for s, ex in st["examples"].items():
-            room = MAX_EXAMPLES - len(out["examples"][int(s)])
-            out["examples"][int(s)] += ex[:room]
+            mine = out["examples"][int(s)]
+            for cat, e in ex.items():
+                if cat not in mine and len(mine) < MAX_EXAMPLES:
+                    mine[cat] = e
         out["fatal"] += [f for f in st["fatal"] if f not in out["fatal"]]
     return out
 
@@ -202,24 +201,32 @@ def _check_sources(stats: dict, resolved) -> None:
             bad = stats["bad"][i]
             field = r.src.text_field if r.src.format == "text" else f"{r.src.messages_field} or {r.src.prompt_field}/{r.src.response_field}"
             detail = ", ".join(f"{c} ×{n}" for c, n in sorted(bad.items(), key=lambda kv: -kv[1])) or "no records"
-            examples = "; ".join(stats["examples"][i][:3])
+            examples = "; ".join(list(stats["examples"][i].values())[:3])
             raise ValueError(
                 f"data.sources[{i}] ({r.src.kind} {r.src.path or 'stdlib-docs'}, field {field!r}): expected usable documents, "
                 f"found none — {detail}" + (f" — e.g. {examples}" if examples else "")
             )
 
 
-def _tokenizer_texts(rows: pa.Table, p_tok: np.ndarray, max_bytes: int, by_source: np.ndarray):
-    """Training texts in key order, at most ~max_bytes (chat: the message contents)."""
-    seen = 0
-    for src, key, fmt, text, nbytes in zip(*(rows.column(c).to_pylist() for c in ("source", "key", "fmt", "text", "nbytes"))):
-        if key >= p_tok[src]:
-            continue
-        if seen >= max_bytes:
-            return
-        seen += nbytes
-        by_source[src] += nbytes
-        yield "\n".join(c for _, c in chat.loads(text)) if fmt == FMT_CHAT else text
+def _tokenizer_texts(rows: pa.Table, budget: np.ndarray, by_source: np.ndarray) -> list[str]:
+    """Training texts: per source, documents in key order until its byte budget is met (to within
+    one document), then all in key order (chat: the message contents)."""
+    src = rows.column("source").to_numpy()
+    key = rows.column("key").to_numpy()
+    nbytes = rows.column("nbytes").to_numpy()
+    keep = np.zeros(len(src), dtype=bool)
+    for i in range(len(budget)):
+        idx = np.flatnonzero(src == i)
+        idx = idx[np.argsort(key[idx], kind="stable")]
+        cum = np.cumsum(nbytes[idx])
+        m = int(np.searchsorted(cum, budget[i], side="left"))
+        if m < len(idx):
+            below = cum[m - 1] if m > 0 else 0
+            m = m + 1 if cum[m] - budget[i] <= budget[i] - below else m
+        keep[idx[:m]] = True
+        by_source[i] = int(nbytes[idx[:m]].sum())
+    texts, fmts = rows.column("text").to_pylist(), rows.column("fmt").to_pylist()
+    return ["\n".join(c for _, c in chat.loads(texts[j])) if fmts[j] == FMT_CHAT else texts[j] for j in np.flatnonzero(keep)]
 
 
 def _gather(ds, columns: list[str]) -> pa.Table:
@@ -239,11 +246,14 @@ def _write_empty(folder: Path, seq_len: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
-    """Return the cached shards for ``cfg``, building them on Ray Data when missing."""
+def build_shards(cfg: PipelineConfig, progress=print, tokenizer_path: str | Path | None = None) -> Shards:
+    """Return the cached shards for ``cfg``, building them on Ray Data when missing.
+
+    ``tokenizer_path``: reuse this tokenizer.json (e.g. the pretraining one, for instruction
+    fine-tuning) instead of training one on the data; ``cfg.tokenizer`` is then ignored."""
     cache_dir = Path(cfg.run_dir) / "cache"
     resolved = [resolve_source(i, s, cache_dir) for i, s in enumerate(cfg.data.sources)]
-    key = cache_key(cfg, [r.fingerprint for r in resolved])
+    key = cache_key(cfg, [r.fingerprint for r in resolved], tokenizer_path)
     cache_root = cache_dir / "data"
     final = cache_root / key
     if (final / "_SUCCESS").exists():
@@ -254,7 +264,7 @@ def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
     tmp.mkdir(parents=True)
     try:
         with _ordered():
-            summary = _build(cfg, resolved, tmp, progress)
+            summary = _build(cfg, resolved, tmp, progress, Path(tokenizer_path) if tokenizer_path else None)
         summary["key"] = key
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "_SUCCESS").write_text(key)
@@ -269,7 +279,7 @@ def build_shards(cfg: PipelineConfig, progress=print) -> Shards:
     return Shards(final, key)
 
 
-def _build(cfg: PipelineConfig, resolved, out: Path, progress) -> dict:
+def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: Path | None) -> dict:
     dc, S = cfg.data, len(resolved)
     labels = [r.label for r in resolved]
     weights = np.asarray([s.weight for s in dc.sources], dtype=np.float64)
@@ -277,31 +287,50 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress) -> dict:
 
     # 1. read --------------------------------------------------------------------------------
     progress(f"data: reading {S} source(s): {', '.join(labels)}")
-    docs_all = read_documents(resolved, cfg.seed, dc.val_fraction).materialize()
+    # blocks of a few tokenizer batches, so every tokenizer actor gets work even from one big file
+    docs_all = read_documents(resolved, cfg.seed, dc.val_fraction).repartition(target_num_rows_per_block=4 * dc.tokenize_batch_size).materialize()
     stats = _merge_doc_stats(docs_all.map_batches(_DocStats(S), batch_format="pyarrow", batch_size=None).take_all(), S)
     _check_sources(stats, resolved)
     n_bad = sum(sum(b.values()) for b in stats["bad"])
     n_docs = int(stats["docs"].sum())
-    progress(f"data: {n_docs:,} documents, {int(stats['bytes'].sum()):,} bytes" + (f"; {n_bad:,} bad records skipped (see summary.json 'bad_records')" if n_bad else ""))
-    docs = docs_all.map_batches(_good, batch_format="pyarrow", batch_size=None)
+    progress(f"data: {n_docs:,} documents, {int(stats['bytes'].sum()):,} bytes")
+    if n_bad:
+        first = [e for ex in stats["examples"] for e in ex.values()][:3]
+        progress(f"data: {n_bad:,} bad records skipped (counts and examples in summary.json 'bad_records'), e.g. " + "; ".join(first))
+    docs = docs_all.map_batches(_usable, batch_format="pyarrow", batch_size=None)
 
     # 2. tokenizer sample, from every source by weight ------------------------------------------
     train_bytes = stats["bytes"][TRAIN].astype(np.float64)
-    p_tok = np.minimum(1.0, shares * cfg.tokenizer.sample_bytes / np.maximum(train_bytes, 1.0))
-    p_max = p_tok.copy()
+    budget = shares * cfg.tokenizer.sample_bytes
+    # candidates: with slack (2x the budget, at least 64 documents) so heavy-tailed sizes still fill it
+    p_tok = np.minimum(1.0, np.maximum(2.0 * budget / np.maximum(train_bytes, 1.0), 64.0 / np.maximum(stats["docs"][TRAIN], 1)))
+    p_max = p_tok.copy() if reuse_tokenizer is None else np.zeros(S)
     part = dc.partition
     if part and part.method == "topic":
         p_topic = min(1.0, part.topic_sample_documents / max(1, int(stats["docs"][TRAIN].sum())))
         p_max = np.maximum(p_max, p_topic)
-    sample = _gather(docs.map_batches(_SampleFilter(p_max), batch_format="pyarrow", batch_size=None), ["source", "key", "fmt", "text", "nbytes"])
+    sample = None
+    if p_max.max() > 0:
+        sample = _gather(docs.map_batches(_SampleFilter(p_max), batch_format="pyarrow", batch_size=None), ["source", "key", "fmt", "text", "nbytes"])
     if sample is None:
         sample = pa.table({"source": pa.array([], pa.int32()), "key": pa.array([], pa.float64()), "fmt": pa.array([], pa.int8()),
                            "text": pa.array([], pa.string()), "nbytes": pa.array([], pa.int64())})
     sample = sample.take(pc.sort_indices(sample, [("key", "ascending"), ("source", "ascending")]))
     sample_by_source = np.zeros(S, np.int64)
-    progress(f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on up to {cfg.tokenizer.sample_bytes:,} bytes drawn from every source")
-    tok_path = train_bpe(_tokenizer_texts(sample, p_tok, cfg.tokenizer.sample_bytes, sample_by_source),
-                         cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, out / "tokenizer.json")
+    if reuse_tokenizer is not None:
+        progress(f"data: reusing the tokenizer {reuse_tokenizer}")
+        tok_path = out / "tokenizer.json"
+        shutil.copyfile(reuse_tokenizer, tok_path)
+        if (reuse_tokenizer.parent / "tokenizer_config.json").exists():
+            shutil.copyfile(reuse_tokenizer.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+        else:
+            write_transformers_config(out)
+    else:
+        tok_texts = _tokenizer_texts(sample, budget, sample_by_source)
+        progress(f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on {int(sample_by_source.sum()):,} bytes "
+                 f"drawn from {int((sample_by_source > 0).sum())} source(s) by weight (tokenizer.sample_bytes {cfg.tokenizer.sample_bytes:,})")
+        tok_path = train_bpe(tok_texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, out / "tokenizer.json")
+        del tok_texts
     topic_model = None
     if part and part.method == "topic":
         from slmlab.data.topics import fit_topic_model
@@ -395,12 +424,15 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress) -> dict:
         summary["sources"].append({
             "label": r.label, "kind": r.src.kind, "path": r.src.path, "format": r.src.format, "weight": r.src.weight,
             "files": len(r.files) if not r.uri else None,
+            # what was read: blake2b over the files' contents (local), else the name/URI (+ revision)
+            "content_digest": hashlib.blake2b(json.dumps(r.fingerprint, sort_keys=True, default=str).encode(), digest_size=12).hexdigest(),
             "documents": int(stats["docs"][:, i].sum()), "bytes": int(stats["bytes"][:, i].sum()),
             "requested_share": float(shares[i]),
             "achieved_share": {name: mixture["achieved"][name][r.label] for _, name in SPLITS},
             "sampling_rate": mixture["rates"][r.label],
             "tokenizer_sample_bytes": int(sample_by_source[i]),
             "bad_records": int(sum(stats["bad"][i].values())),
+            "documents_capped": r.capped,  # usable documents left out by max_documents
         })
     summary["mixture"] = mixture
     by_reason: dict = {}
@@ -410,9 +442,10 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress) -> dict:
     summary["bad_records"] = {
         "total": n_bad, "by_reason": by_reason,
         "by_source": {labels[i]: stats["bad"][i] for i in range(S) if stats["bad"][i]},
-        "examples": [e for ex in stats["examples"] for e in ex][:MAX_EXAMPLES * 2],
+        "examples": [e for ex in stats["examples"] for e in ex.values()],
     }
-    summary["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "sample_bytes": int(sample_by_source.sum()),
+    summary["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "reused_from": str(reuse_tokenizer) if reuse_tokenizer else None,
+                            "sample_bytes": int(sample_by_source.sum()),
                             "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)}}
     if part:
         summary["partitions"] = {"method": part.method, "num_partitions": part.num_partitions,

@@ -1,8 +1,9 @@
 """Read the configured sources into one Ray Dataset of normalized documents, counting bad records.
 
 Every source becomes rows of one schema (:data:`DOC_SCHEMA`): a usable document (``bad == ""``)
-or a bad record (``bad`` = the reason, ``where`` = ``file:line`` for text/jsonl, the file for
-parquet, the dataset for hf/hf_disk). Nothing is dropped without a row saying why.
+or a bad record (``bad`` = the reason, ``where`` = ``file:line`` for text/jsonl, ``file[row]`` for
+parquet, ``dataset[row]`` for hf_disk, the dataset for streamed hf). Nothing is dropped without a
+row saying why.
 
 What a document is:
   * ``text`` files — ``doc_separator: blank_line`` (default): a paragraph, i.e. a maximal run of
@@ -12,10 +13,12 @@ What a document is:
   * ``jsonl`` lines, ``parquet`` rows, ``hf``/``hf_disk`` rows — one record each; the text is
     ``text_field`` (format text) or the chat record (format chat, see :mod:`slmlab.data.chat`).
     Blank jsonl lines are not records.
-  * ``embedded`` — the stdlib documentation corpus (:mod:`slmlab.data.embedded`), one doc per entry.
+  * ``embedded`` — the stdlib documentation corpus (:mod:`slmlab.data.embedded`), one doc per entry;
+    with ``format: chat``, the stdlib question/answer set (:mod:`slmlab.data.instructions`).
 
-Files are read with Ray Data's own readers (``read_binary_files`` for text/jsonl so bad lines can be
-counted one by one, ``read_parquet``), which also take cloud URIs (s3://, gs://). Local paths may be
+Files are read with Ray Data's own reader ``read_binary_files`` (text, jsonl and parquet: one file per
+task, so bad lines/rows are counted one by one with their position), which also takes cloud URIs
+(s3://, gs://); a parquet file is decoded from memory with only the needed columns. Local paths may be
 files, folders (recursive; hidden ``.``/``_`` names skipped) or globs, expanded here so the cache key
 can hash their contents.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from slmlab.data import chat
 from slmlab.data.config import DataConfig, SourceConfig, is_remote
@@ -81,6 +85,7 @@ class Resolved:
     uri: str | None = None  # a cloud URI handed to Ray as is
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     fingerprint: dict = field(default_factory=dict)
+    capped: int = 0  # usable documents beyond max_documents (set while reading)
 
 
 def file_digest(path: str, chunk: int = 1 << 20) -> str:
@@ -119,7 +124,12 @@ def resolve_source(index: int, src: SourceConfig, cache_dir: Path) -> Resolved:
     res = Resolved(index, src, source_label(index, src))
     entry = src.model_dump(mode="json")
     where = f"data.sources[{index}] ({src.kind} {src.path})"
-    if src.kind == "embedded":
+    if src.kind == "embedded" and src.format == "chat":
+        from slmlab.data.instructions import embedded_instructions_path, write_embedded_instructions
+
+        res.files = [str(write_embedded_instructions(embedded_instructions_path(cache_dir)))]
+        entry["version"] = corpus_version()
+    elif src.kind == "embedded":
         res.files = [str(write_embedded_corpus(embedded_corpus_path(cache_dir)))]
         entry["version"] = corpus_version()
     elif src.kind in ("text", "jsonl", "parquet") and is_remote(src.path):
@@ -230,6 +240,7 @@ class Rows:
 
 def _lines(path: str, data: bytes, rows: Rows):
     """Yield (line_no, str) of the decodable lines; bad (non-UTF-8) lines become bad rows."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not text
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -311,8 +322,37 @@ def _has_field(rec: dict, src: SourceConfig) -> bool:
     return src.text_field in rec
 
 
+def _wanted(src: SourceConfig) -> list[str]:
+    return [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
+
+
+def parse_parquet(path: str, data: bytes, rows: Rows) -> None:
+    """Rows of one parquet file (only the needed columns are decoded); ``where`` = file[row]."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    src = rows.src
+    try:
+        pf = pq.ParquetFile(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as err:
+        rows.bad(path, f"unreadable file (parquet: {err})")
+        return
+    names = pf.schema_arrow.names
+    if not set(names).intersection(_wanted(src)):
+        rows.bad(path, f"{FATAL}{path}: expected column {_fields_of(src)}, found columns {names}")
+        return
+    cols = [c for c in _wanted(src) + [src.id_field, src.score_field, src.system_field] if c and c in names]
+    n = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=8192):
+        for rec in batch.to_pylist():
+            where = f"{path}[{n}]"
+            rows.record(rec, where, where)
+            n += 1
+
+
 class ParseFiles:
-    """map_batches fn over read_binary_files rows (``bytes``, ``path``): text or jsonl files → docs."""
+    """map_batches fn over read_binary_files rows (``bytes``, ``path``): text, jsonl or parquet files → docs."""
 
     def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float):
         self.args = (index, src, seed, val_fraction)
@@ -332,37 +372,33 @@ class ParseFiles:
                 continue
             if src.kind == "text":
                 parse_text(path, data, rows)
+            elif src.kind == "parquet":
+                parse_parquet(path, data, rows)
             else:
                 parse_jsonl(path, data, rows)
         return rows.table()
 
 
 class NormalizeRecords:
-    """map_batches fn over parquet / Hugging Face rows → docs."""
+    """map_batches fn over Hugging Face dataset rows → docs."""
 
-    def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float, where: str | None):
+    def __init__(self, index: int, src: SourceConfig, seed: int, val_fraction: float, where: str):
         self.args = (index, src, seed, val_fraction)
-        self.where = where  # fixed location (datasets); None: the row's `path` column (parquet)
+        self.where = where
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = Rows(*self.args)
         src = rows.src
         names = set(batch.column_names)
-        wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
-        if batch.num_rows and not names.intersection(wanted):
-            place = self.where or batch.column("path")[0].as_py()
-            rows.bad(place, f"{FATAL}{place}: no column {_fields_of(src)} (columns: {', '.join(sorted(names - {'path'}))})")
+        if batch.num_rows and not names.intersection(_wanted(src)):
+            rows.bad(self.where, f"{FATAL}{self.where}: expected column {_fields_of(src)}, found columns {sorted(names - {'__row__'})}")
             return rows.table()
         for rec in batch.to_pylist():
-            path = rec.pop("path", None)
-            row_hash = rec.pop("row_hash", None)  # parquet: deterministic per (file, row)
-            row = rec.pop("__row__", None)  # datasets: the row number
-            where = self.where or path
+            row = rec.pop("__row__", None)  # the row number (datasets held locally)
             if row is not None:
-                where = doc_id = f"{where}[{row}]"
-            elif row_hash is not None:
-                doc_id = f"{where}#{row_hash:016x}"
+                where = doc_id = f"{self.where}[{row}]"
             else:  # streamed datasets: no row number; the record's content names it
+                where = self.where
                 doc_id = f"{where}#{hashlib.blake2b(repr(sorted(rec.items())).encode(), digest_size=8).hexdigest()}"
             rows.record(rec, where, doc_id)
         return rows.table()
@@ -386,15 +422,36 @@ def _hf_dataset(res: Resolved):
     else:
         ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=src.streaming, revision=src.revision)
     cols = getattr(ds, "column_names", None)
-    wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
-    if cols and not set(cols).intersection(wanted):
+    if cols and not set(cols).intersection(_wanted(src)):
         raise ValueError(f"{where}: expected field {_fields_of(src)}, found columns {sorted(cols)}")
     if isinstance(ds, datasets.Dataset):
         ds = ds.flatten_indices() if ds._indices is not None else ds
-        ds = ds.add_column("__row__", np.arange(len(ds), dtype=np.int64))
     elif src.max_documents:
         ds = ds.take(src.max_documents)  # streamed: bound what is downloaded
     return ds
+
+
+def _hf_to_ray(res: Resolved, ds):
+    """A Hugging Face dataset → Ray. Hub datasets by name go through ``ray.data.from_huggingface``
+    (which reads the Hub's parquet files in parallel when online); local ones (hf_disk, a local
+    folder) are handed over directly, since that function asks the Hub about every dataset."""
+    import datasets
+    import ray
+
+    if res.src.kind == "hf" and not os.path.isdir(res.src.path):
+        return ray.data.from_huggingface(ds)
+    if isinstance(ds, datasets.Dataset):
+        table = ds.data.table
+        table = table.append_column("__row__", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        step = 50_000
+        return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, table.num_rows), step)])
+    # a local folder streamed by datasets: read here in chunks (no `datasets` import in every worker)
+    tables, step = [], 20_000
+    for batch in ds.iter(batch_size=step):
+        n = len(next(iter(batch.values()))) if batch else 0
+        batch["__row__"] = list(range(len(tables) * step, len(tables) * step + n))
+        tables.append(pa.Table.from_pydict(batch))
+    return ray.data.from_arrow(tables or [pa.table({"__row__": pa.array([], pa.int64())})])
 
 
 def read_source(res: Resolved, seed: int, val_fraction: float):
@@ -403,28 +460,27 @@ def read_source(res: Resolved, seed: int, val_fraction: float):
 
     src = res.src
     args = (res.index, src, seed, val_fraction)
-    if src.kind in ("text", "jsonl", "embedded"):
+    if src.kind in ("text", "jsonl", "parquet", "embedded") and not (res.uri or res.files):
+        ds = ray.data.from_arrow(Rows(*args).table())  # every file unreadable: only bad rows below
+    elif src.kind in ("text", "jsonl", "embedded"):
         paths = res.uri or res.files
         exts = [e.lstrip(".") for e in _JSONL_EXT] if src.kind == "jsonl" and res.uri else None
         ds = ray.data.read_binary_files(paths, include_paths=True, file_extensions=exts)
         ds = ds.map_batches(ParseFiles(*args), batch_size=1, batch_format="pyarrow")
     elif src.kind == "parquet":
-        cols = None
-        if res.files:
-            import pyarrow.parquet as pq
+        import pyarrow.parquet as pq
 
-            for f in res.files:
+        for f in res.files:  # local files: fail before Ray on a missing column
+            try:
                 names = pq.read_schema(f).names
-                wanted = [src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]
-                if not set(names).intersection(wanted):
-                    raise ValueError(f"data.sources[{res.index}] ({res.label}): {f}: expected column {_fields_of(src)}, found columns {names}")
-            extra = [c for c in (src.id_field, src.score_field, src.system_field) if c]
-            wanted_all = ([src.messages_field, src.prompt_field, src.response_field] if src.format == "chat" else [src.text_field]) + extra
-            cols = sorted(set(wanted_all) & set().union(*(pq.read_schema(f).names for f in res.files)))
-        ds = ray.data.read_parquet(res.uri or res.files, columns=cols, include_paths=True, include_row_hash=True, partitioning=None)
-        ds = ds.map_batches(NormalizeRecords(*args, None), batch_format="pyarrow")
+            except (pa.ArrowException, OSError):
+                continue  # not parquet: counted as an unreadable file when parsed
+            if not set(names).intersection(_wanted(src)):
+                raise ValueError(f"data.sources[{res.index}] ({res.label}): {f}: expected column {_fields_of(src)}, found columns {names}")
+        ds = ray.data.read_binary_files(res.uri or res.files, include_paths=True, file_extensions=["parquet"] if res.uri else None)
+        ds = ds.map_batches(ParseFiles(*args), batch_size=1, batch_format="pyarrow")
     else:
-        ds = ray.data.from_huggingface(_hf_dataset(res))
+        ds = _hf_to_ray(res, _hf_dataset(res))
         ds = ds.map_batches(NormalizeRecords(*args, f"{src.kind}:{src.path}"), batch_format="pyarrow")
     if res.unreadable:
         rows = Rows(*args)
@@ -433,9 +489,18 @@ def read_source(res: Resolved, seed: int, val_fraction: float):
         ds = ds.union(ray.data.from_arrow(rows.table()))
     if src.max_documents:
         ds = ds.materialize()
-        good = ds.filter(lambda r: r["bad"] == "").limit(src.max_documents)
-        ds = good.union(ds.filter(lambda r: r["bad"] != ""))
+        good = ds.map_batches(_usable, batch_format="pyarrow", batch_size=None)
+        res.capped = max(0, good.count() - src.max_documents)  # usable documents left out by the cap
+        ds = good.limit(src.max_documents).union(ds.map_batches(_unusable, batch_format="pyarrow", batch_size=None))
     return ds
+
+
+def _usable(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("bad"), ""))
+
+
+def _unusable(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.not_equal(batch.column("bad"), ""))
 
 
 def read_documents(resolved: list[Resolved], seed: int, val_fraction: float):

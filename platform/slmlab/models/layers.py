@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 
@@ -34,9 +34,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is a single fused kernel; in fp32 it matches HF's pow/mean/rsqrt to rounding.
-        y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-        return self.weight * y
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel, gain included; in fp32 it equals HF's pow/mean/rsqrt/mul bit for bit
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # low precision: normalise in fp32, round to x's dtype, then apply the gain (HF's order exactly)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
@@ -153,17 +155,23 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) views
 
-        mask, causal = None, True
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
-            if start_pos > 0:
-                causal = False
-                if T > 1:  # chunked prefill: query i sits at position start_pos+i and sees keys <= it
-                    q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-                    mask = torch.arange(start_pos + T, device=x.device)[None, :] <= q_pos[:, None]
-                # T == 1 (decode): the single query sees the whole valid prefix, no mask needed
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+
+        if T == 1:
+            # Decode: the single query sees every valid key, so no mask. The query heads that share a
+            # kv head are folded into the query-length axis, (B, n_kv, group, hd): each kv head is read
+            # once per step instead of once per query head (GQA decode is memory-bound on the cache).
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v)
+            return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
+
+        mask, causal = None, True
+        if cache is not None and start_pos > 0:  # chunked prefill: query i (position start_pos+i) sees keys <= it
+            causal = False
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            mask = torch.arange(start_pos + T, device=x.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -207,11 +215,13 @@ class MoEConfig(BaseModel):
     # std of Gaussian noise added to router logits in training (noisy top-k exploration); 0 = off
     router_noise: float = Field(0.0, ge=0.0)
 
-    @model_validator(mode="after")
-    def _top_k_fits(self) -> "MoEConfig":
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k: expected at most num_experts={self.num_experts}, found {self.top_k}")
-        return self
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_fits(cls, top_k: int, info: ValidationInfo) -> int:
+        num_experts = info.data.get("num_experts")
+        if num_experts is not None and top_k > num_experts:
+            raise ValueError(f"expected at most num_experts={num_experts}, found {top_k}")
+        return top_k
 
 
 @dataclass
@@ -281,12 +291,15 @@ class MoEFeedForward(nn.Module):
         token_idx = order // k
 
         xs = x[token_idx]  # (M, dim), tokens grouped by expert
+        # unbind, not w[e]: the backward of E selects would zero-fill and add a full (E, ...) gradient
+        # per expert (O(E^2) memory traffic); unbind's backward is a single stack.
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         outs = []
         for e, chunk in enumerate(xs.split(kept.tolist())):  # one host sync per layer
             if chunk.size(0) == 0:
                 continue
-            gate, up = F.linear(chunk, self.w_gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.w_down[e]))
+            gate, up = F.linear(chunk, w_gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_down[e]))
         # weight and sum the k expert outputs in the residual dtype (fp32 under autocast), as HF does
         out = torch.zeros_like(x)
         if outs:  # (empty only if capacity dropped every assignment)

@@ -136,6 +136,11 @@ class VectorSLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the rotary tables cover (generation checks requests against it)."""
+        return self.cfg.max_seq_len
+
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Static KV cache for generation: max_len positions for each of batch_size sequences."""
         p = self.tok_emb.weight

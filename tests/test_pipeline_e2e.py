@@ -56,12 +56,13 @@ def test_run_registers_a_model_with_its_metrics(finished_run):
         assert key in run.data.metrics, key
     assert run.data.params["model.family"] == "vectorslm"
     versions = client.search_model_versions(f"name='{cfg.registered_model_name}'")
-    assert [v.version for v in versions] == [result.model_version]
+    assert [str(v.version) for v in versions] == [result.model_version]
     assert versions[0].run_id == result.mlflow_run_id
     # the registered version resolves to loadable safetensors weights + config + tokenizer
-    local = mlflow.artifacts.download_artifacts(f"models:/{cfg.registered_model_name}/{result.model_version}")
+    from slmlab.tracking import resolve_model_dir
     from slmlab.train.checkpoint import load_model_dir
 
+    local = resolve_model_dir(f"models:/{cfg.registered_model_name}/{result.model_version}", cfg.run_dir)
     loaded_cfg, model = load_model_dir(local)
     assert loaded_cfg.vocab_size == cfg.tokenizer.vocab_size
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -107,7 +108,7 @@ def test_finetune_starts_from_the_registered_model_and_registers_its_own(pipelin
     assert run.info.status == "FINISHED" and run.data.tags["slmlab.stage"] == "finetune"
     assert run.data.tags["mlflow.parentRunId"] == pre.mlflow_run_id
     assert run.data.tags["slmlab.base_model"] == f"models:/tiny/{pre.model_version}"
-    assert [v.version for v in client.search_model_versions("name='tiny-sft'")] == [sft.model_version]
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-sft'")] == [sft.model_version]
     # the loss is on answers only: far fewer target tokens than tokens in the chat shards
     assert run.data.metrics["data/train_tokens"] > 0
     # fine-tuning starts from the pretrained weights, not from scratch: its step-0 loss on chat

@@ -18,9 +18,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # everything workers need travels in the train-loop config or is set by the worker itself.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    env = dict(WORKER_ENV)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    env = dict(WORKER_ENV)  # the MLflow store travels explicitly in each train-loop config
     # local mode: everything bound to loopback, dashboard included (see slmlab/__init__.py)
     from ray._private import ray_constants
 

@@ -15,9 +15,14 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 
+# The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the
+# environment, so reading it later would make one pipeline's store leak into the next.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(run_dir: str | Path) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
@@ -28,16 +33,14 @@ def artifact_root(run_dir: str | Path) -> str:
 def client_for(run_dir: str | Path) -> MlflowClient:
     uri = tracking_uri(run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
+    return MlflowClient(uri, registry_uri=uri)  # explicit store; mlflow's global state is never touched
 
 
 def ensure_experiment(client: MlflowClient, name: str, run_dir: str | Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else f"{artifact_root(run_dir)}/{name}"
+    location = None if USER_TRACKING_URI else f"{artifact_root(run_dir)}/{name}"
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -82,9 +85,19 @@ def resolve_model_dir(ref: str, run_dir: str | Path = "runs") -> Path:
     an MLflow model URI (``models:/name/version``, ``models:/name@alias``, ``runs:/id/model``) or a
     checkpoint directory (a run's model folder, or a Ray checkpoint of a finished run)."""
     if ref.startswith(("models:/", "runs:/")):
-        client_for(run_dir)  # points mlflow at the store
+        client = client_for(run_dir)
         try:
-            return Path(mlflow.artifacts.download_artifacts(ref))
+            if ref.startswith("models:/"):
+                name, _, which = ref[len("models:/"):].partition("@")
+                if which:
+                    mv = client.get_model_version_by_alias(name, which)
+                else:
+                    name, _, version = ref[len("models:/"):].partition("/")
+                    mv = client.get_model_version(name, version)
+                source = client.get_model_version_download_uri(mv.name, mv.version)
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri(run_dir)))
+            run_id, _, path = ref[len("runs:/"):].partition("/")
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri(run_dir)))
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(f"{ref}: expected a registered model or run artefact in {tracking_uri(run_dir)}, found none ({err.message.splitlines()[0]})") from None
     path = Path(ref)

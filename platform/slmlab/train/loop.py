@@ -175,9 +175,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _maybe_inject_failure(step: int) -> None:
     """Fault-injection hook for the fault-tolerance tests: SLMLAB_FAIL_AT_STEP=N kills this worker
-    process once, right after step N (a marker file makes the restarted attempt survive)."""
+    process once, after step N (a marker file makes the restarted attempt survive).
+
+    It first waits a few seconds: Ray Train's controller collects reported checkpoints when it
+    polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a checkpoint reported
+    moments before a crash can be lost and the retry starts from the one before. Real steps take
+    longer than that; the tests' tiny steps do not."""
     at = os.environ.get("SLMLAB_FAIL_AT_STEP")
     marker = os.environ.get("SLMLAB_FAIL_MARKER")
     if at and marker and step == int(at) and not Path(marker).exists():
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
         Path(marker).write_text(str(step))
         os._exit(1)

@@ -44,7 +44,26 @@ def local_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=180, capture_output=True)
+        _stop_cluster_under(tmp_path / "ray")
+
+
+def _stop_cluster_under(temp_dir: Path) -> None:
+    """Stop only this head's processes (those started with our --temp-dir), not every Ray on the
+    machine as `ray stop` would."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or []):
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=30)
+    for proc in alive:
+        proc.kill()
 
 
 def test_pipeline_runs_under_ray_job_submit(local_head, tmp_path):

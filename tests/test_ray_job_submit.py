@@ -34,17 +34,22 @@ def local_head(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
+    import tempfile
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="slmray-", dir="/tmp"))  # short: Ray's unix sockets live under it
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--port={free_port()}",
            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"]
-    subprocess.run(cmd, env=env, check=True, timeout=180, capture_output=True)
+           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    started = subprocess.run(cmd, env=env, timeout=180, capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop_cluster_under(tmp_path / "ray")
+        _stop_cluster_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_cluster_under(temp_dir: Path) -> None:

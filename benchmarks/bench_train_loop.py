@@ -67,6 +67,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="slmlab-bench-")
     cfg = load_pipeline(args.pipeline, [f"run_dir={run_dir}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
                                         f"train.checkpoint_every={args.steps}", "train.eval_batches=1", "eval.max_new_tokens=1"])
+    cfg = cfg.model_copy(update={"finetune": None, "compare": []})  # the pretraining stage alone
     ensure_ray()
     shards = build_shards(cfg, progress=lambda m: None)
     cfg.model.vocab_size = shards.summary["vocab_size"]

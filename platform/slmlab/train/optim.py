@@ -29,7 +29,13 @@ def warmup_cosine(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg))
     return opt, sched
 
@@ -50,6 +56,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
     if cfg.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+        # DeepSpeed insists on its own CPU Adam with offload unless told a torch optimizer is fine
+        ds["zero_force_ds_cpu_optimizer"] = cfg.optimizer == "cpu_adam"
     if cfg.zero_stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return ds

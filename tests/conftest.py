@@ -36,6 +36,17 @@ def _shutdown_ray_at_end():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one intra-op thread, restoring the count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -14,12 +14,8 @@ VOCAB = 61
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and they spin against other jobs on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(one_thread):
+    """Tiny models gain nothing from intra-op threads and only contend with other jobs."""
 
 
 def tiny(**kw) -> NewLLM:

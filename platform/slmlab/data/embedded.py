@@ -56,15 +56,20 @@ def corpus_version() -> str:
     return f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
 
-def write_embedded_corpus(out: Path) -> Path:
-    """Write the corpus as JSON lines (``{"id", "text"}``) atomically; reuse an existing file."""
+def write_jsonl_once(out: Path, records) -> Path:
+    """Write ``records`` (dicts) as JSON lines atomically; an existing file is reused as is."""
     out = Path(out)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as f:
-        for doc_id, text in iter_documents():
-            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def write_embedded_corpus(out: Path) -> Path:
+    """The corpus as JSON lines (``{"id", "text"}``)."""
+    return write_jsonl_once(out, ({"id": doc_id, "text": text} for doc_id, text in iter_documents()))

@@ -8,11 +8,10 @@ Real English answers, no download, deterministic; on CPython 3.11.7 1,776 record
 from __future__ import annotations
 
 import ast
-import json
 import os
 from pathlib import Path
 
-from slmlab.data.embedded import _SKIP_DIRS, corpus_version
+from slmlab.data.embedded import _SKIP_DIRS, corpus_version, write_jsonl_once
 
 QUESTIONS = (
     "What does {kind} `{name}` in the `{module}` module do?",
@@ -58,13 +57,4 @@ def embedded_instructions_path(cache_dir: Path) -> Path:
 
 
 def write_embedded_instructions(out: Path) -> Path:
-    out = Path(out)
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in iter_records():
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_jsonl_once(out, iter_records())

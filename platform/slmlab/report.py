@@ -93,7 +93,7 @@ def render(experiment: str, rows: list[dict]) -> str:
         if r["state_mib"]:
             xs, ys = zip(*r["state_mib"])
             ax.plot(xs, ys, marker="o", label=r["label"])
-    ax.set(xscale="log", yscale="symlog", xlabel="sequence length (tokens)", ylabel="generation state (MiB)", title="Inference memory vs sequence length")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="generation state (MiB)", title="Inference memory vs sequence length")
     ax.legend(fontsize=7)
     figs.append(("Generation-state memory vs sequence length", _png(fig)))
 

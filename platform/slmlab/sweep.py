@@ -203,6 +203,9 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
         steps = r.metrics.get("step") if r.metrics else None
         trials.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None, "error": repr(r.error)[:300] if r.error else None,
                        "last_step": steps, space.metric: (r.metrics or {}).get(space.metric), "config": r.config})
+    for c in children:
+        if c.info.status == "RUNNING":  # ASHA stops a trial by killing its actor: nothing in it could say so
+            client.set_terminated(c.info.run_id, status="KILLED")
     finished = [c for c in children if c.info.status == "FINISHED" and space.metric in c.data.metrics]
     summary = {"sweep": state["name"], "trials": trials, "stopped_early": sum(1 for t in trials if not t["error"] and (t["last_step"] or 0) < cfg.train.max_steps),
                "errored": sum(1 for t in trials if t["error"]), "best": None}

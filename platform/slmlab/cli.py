@@ -1,7 +1,6 @@
 """``slmlab``: a small, stable command line. Every other setting lives in the pipeline YAML."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -7,14 +7,12 @@ file, the field path, what was expected and what was found.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from slmlab.data.config import DataConfig, SourceConfig, Strict, TokenizerConfig  # noqa: F401
 from slmlab.models import FAMILIES
@@ -137,10 +135,6 @@ class PipelineConfig(Strict):
     def registered_model_name(self) -> str:
         return self.tracking.register_as or self.name
 
-    def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (cache keys)."""
-        dumped = {s: getattr(self, s).model_dump(mode="json") if hasattr(getattr(self, s), "model_dump") else getattr(self, s) for s in sections}
-        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,20 +151,6 @@ def check_search_space(space: Any) -> None:
                 raise ValueError(f"{path}: randint bounds must be ints, got {args!r}")
 
 
-def to_tune(space: dict) -> dict:
-    """The Ray Tune param_space these specs stand for (randint's high is exclusive, as in Tune)."""
-    from ray import tune
-
-    make = {
-        "choice": lambda a: tune.choice(a),
-        "grid": lambda a: tune.grid_search(a),
-        "uniform": lambda a: tune.uniform(*a),
-        "loguniform": lambda a: tune.loguniform(*a),
-        "randint": lambda a: tune.randint(*a),
-    }
-    return {path: make[kind](args) for path, spec in space["params"].items() for kind, args in spec.items()}
-
-
 def n_trials(space: dict) -> int:
     grids = [len(a) for spec in space["params"].values() for kind, a in spec.items() if kind == "grid"]
     return space["num_samples"] * math.prod(grids)
@@ -480,7 +466,9 @@ def test_search_space_is_well_formed(path):
     check_search_space(space)
     assert n_trials(space) <= MAX_TRIALS, f"{path.name}: {n_trials(space)} trials is too many for 2 CPUs"
     # The specs are real Tune distributions, and samples land inside the declared ranges.
-    tune_space = to_tune(space)
+    from slmlab.sweep import load_space
+
+    tune_space = load_space(path).tune_space()  # what `slmlab sweep` hands to Tune
     for param, spec in space["params"].items():
         (kind, args), = spec.items()
         if kind == "grid":

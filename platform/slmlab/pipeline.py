@@ -146,30 +146,29 @@ def finish_run(client, cfg: PipelineConfig, run_id: str, checkpoint, shards, pro
         os.replace(tmp, model_dir)
     client.log_artifact(run_id, str(model_dir / MODEL_FILE), "model")
     client.log_artifact(run_id, str(model_dir / CONFIG_FILE), "model")
-    _log_profile(client, run_id, model_dir)
+    model_cfg, model = load_model_dir(model_dir)  # read back once: proves the artefact loads, then evaluated
+    _log_profile(client, run_id, model, model_cfg)
     if cfg.eval.quantize_int8:
-        _log_int8(client, run_id, model_dir, shards, cfg, progress)
-    samples = sample_texts(model_dir, cfg)
+        _log_int8(client, run_id, model, shards, cfg, progress)
+    samples = sample_texts(model, model_dir / "tokenizer.json", cfg)
     client.log_text(run_id, "\n\n".join(f"### {p!r}\n{s}" for p, s in samples), "samples.md")
     for prompt, text in samples:
         progress(f"sample: {prompt!r} → {text[:160]!r}")
     return model_dir
 
 
-def _log_profile(client, run_id: str, model_dir: Path) -> None:
+def _log_profile(client, run_id: str, model, model_cfg) -> None:
     from slmlab.profile import profile
 
-    cfg, model = load_model_dir(model_dir)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step)
-                                      for k, points in profile(model, cfg).items() for step, v in points])
+                                      for k, points in profile(model, model_cfg).items() for step, v in points])
 
 
-def _log_int8(client, run_id: str, model_dir: Path, shards, cfg: PipelineConfig, progress) -> None:
+def _log_int8(client, run_id: str, model, shards, cfg: PipelineConfig, progress) -> None:
     from slmlab.evaluate import evaluate_folder
     from slmlab.quantize import model_size_bytes, quantize_int8
 
-    _, model = load_model_dir(model_dir)
     qmodel = quantize_int8(model)
     batches = cfg.train.eval_batches
     before = evaluate_folder(model, shards.val_dir, shards.tokenizer_path, cfg.train.micro_batch_size, batches)
@@ -182,14 +181,13 @@ def _log_int8(client, run_id: str, model_dir: Path, shards, cfg: PipelineConfig,
              f"val bpb {figures['quant/fp32_bpb']:.4f} → {figures['quant/int8_bpb']:.4f}")
 
 
-def sample_texts(model_dir: Path, cfg: PipelineConfig) -> list[tuple[str, str]]:
+def sample_texts(model, tokenizer_path: Path, cfg: PipelineConfig) -> list[tuple[str, str]]:
     import torch
 
     from slmlab.data.tokenizer import EOS, load_tokenizer
     from slmlab.generation import generate
 
-    _, model = load_model_dir(model_dir)
-    tok = load_tokenizer(model_dir / "tokenizer.json")
+    tok = load_tokenizer(tokenizer_path)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     for prompt in cfg.eval.prompts:

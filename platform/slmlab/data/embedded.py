@@ -20,7 +20,10 @@ from pathlib import Path
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
 
 
-def _module_docs(stdlib: Path):
+def stdlib_modules():
+    """Yield (dotted module name, file name, parsed AST) for every standard-library source file,
+    in a fixed order, without importing anything."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-"))
         for name in sorted(files):
@@ -31,16 +34,20 @@ def _module_docs(stdlib: Path):
                 tree = ast.parse(path.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            parts = []
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        title = "" if isinstance(node, ast.Module) else f"{node.name}\n"
-                        parts.append(title + doc)
-            if parts:
-                module = str(path.relative_to(stdlib).with_suffix("")).replace(os.sep, ".")
-                yield f"module:{module}", "\n\n".join(parts)
+            yield str(path.relative_to(stdlib).with_suffix("")).replace(os.sep, "."), name, tree
+
+
+def _module_docs():
+    for module, _, tree in stdlib_modules():
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    title = "" if isinstance(node, ast.Module) else f"{node.name}\n"
+                    parts.append(title + doc)
+        if parts:
+            yield f"module:{module}", "\n\n".join(parts)
 
 
 def iter_documents():
@@ -49,7 +56,7 @@ def iter_documents():
 
     for key in sorted(topics.topics):
         yield f"topic:{key}", topics.topics[key]
-    yield from _module_docs(Path(sysconfig.get_paths()["stdlib"]))
+    yield from _module_docs()
 
 
 def corpus_version() -> str:

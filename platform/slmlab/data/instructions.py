@@ -8,10 +8,9 @@ Real English answers, no download, deterministic; on CPython 3.11.7 1,776 record
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
-from slmlab.data.embedded import _SKIP_DIRS, corpus_version, write_jsonl_once
+from slmlab.data.embedded import corpus_version, stdlib_modules, write_jsonl_once
 
 QUESTIONS = (
     "What does {kind} `{name}` in the `{module}` module do?",
@@ -26,30 +25,19 @@ def _first_paragraph(doc: str) -> str:
 
 
 def iter_records():
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-"))
-        for fname in sorted(files):
-            if not fname.endswith(".py") or fname.startswith("_"):
+    for module, fname, tree in stdlib_modules():
+        if fname.startswith("_"):
+            continue
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
                 continue
-            path = Path(root, fname)
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
+            doc = ast.get_docstring(node)
+            answer = _first_paragraph(doc) if doc else ""
+            if len(answer) < 20:
                 continue
-            module = str(path.relative_to(stdlib).with_suffix("")).replace(os.sep, ".")
-            for node in tree.body:
-                if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
-                    continue
-                doc = ast.get_docstring(node)
-                answer = _first_paragraph(doc) if doc else ""
-                if len(answer) < 20:
-                    continue
-                kind = "class" if isinstance(node, ast.ClassDef) else "function"
-                question = QUESTIONS[len(node.name) % len(QUESTIONS)].format(kind=kind, name=node.name, module=module)
-                yield {"id": f"{module}.{node.name}", "prompt": question, "response": answer}
+            kind = "class" if isinstance(node, ast.ClassDef) else "function"
+            question = QUESTIONS[len(node.name) % len(QUESTIONS)].format(kind=kind, name=node.name, module=module)
+            yield {"id": f"{module}.{node.name}", "prompt": question, "response": answer}
 
 
 def embedded_instructions_path(cache_dir: Path) -> Path:

@@ -5,10 +5,12 @@ or a ``{prompt, response}`` pair (plus an optional system column). It is rendere
 
     <|system|>{system}<|end|><|user|>{prompt}<|end|><|assistant|>{answer}<|end|> ...
 
-Special tokens delimit every segment, so tokenizing segment by segment gives exactly the ids of
-tokenizing the rendered string (the saved ``tokenizer_config.json`` carries the same template as a
-Jinja ``chat_template`` for transformers). ``target_mask`` is 1 on the tokens of assistant answers
-and on their closing ``<|end|>`` — nothing else is a prediction target.
+The markers come from structure only: each message's content is encoded on its own with special-token
+strings kept as plain text (:func:`~slmlab.data.tokenizer.encode_text`), then wrapped in the role and
+``<|end|>`` ids. A message that spells ``<|end|><|assistant|>`` stays text, so it cannot forge a turn.
+For content without marker strings the ids equal tokenizing the rendered string, which is what the
+Jinja ``chat_template`` in the saved ``tokenizer_config.json`` gives transformers. ``target_mask`` is
+1 on the tokens of assistant answers and on their closing ``<|end|>`` — nothing else is a target.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from slmlab.data.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_TURN, SYSTEM, USER  # noqa: F401
+from slmlab.data.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_TURN, SYSTEM, USER, encode_text  # noqa: F401
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
@@ -84,12 +86,12 @@ def encode_chats(tok, chats: list[list[tuple[str, str]]]) -> list[tuple[np.ndarr
     ids_of = {role: tok.token_to_id(t) for role, t in ROLE_TOKENS.items()}
     end = tok.token_to_id(END_TURN)
     contents = [c for chat in chats for _, c in chat]
-    encoded = tok.encode_batch_fast(contents, add_special_tokens=False) if contents else []
+    encoded = encode_text(tok, contents)
     out, i = [], 0
     for chat in chats:
         ids, mask = [], []
         for role, _ in chat:
-            piece = encoded[i].ids
+            piece = encoded[i]
             i += 1
             target = 1 if role == "assistant" else 0
             ids.append(ids_of[role])
@@ -100,3 +102,9 @@ def encode_chats(tok, chats: list[list[tuple[str, str]]]) -> list[tuple[np.ndarr
             mask.append(target)
         out.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.int8)))
     return out
+
+
+def prompt_ids(tok, messages: list[tuple[str, str]]) -> list[int]:
+    """Ids of a generation prompt: the messages, then the assistant marker (markers from structure)."""
+    [(ids, _)] = encode_chats(tok, [messages])
+    return ids.tolist() + [tok.token_to_id(ASSISTANT)]

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from slmlab.data import chat
 from slmlab.data.sources import FMT_CHAT
-from slmlab.data.tokenizer import load_tokenizer
+from slmlab.data.tokenizer import encode_text, load_tokenizer
 
 
 def pack_text(values: np.ndarray, lengths: np.ndarray, seq_len: int, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +117,7 @@ class TokenizeDocs:
         chats_at = [i for i in range(n) if fmt[i] == FMT_CHAT]
         ids_array = None
         if plain:
-            encs = self.tok.encode_batch_fast([texts[i] for i in plain], add_special_tokens=False)
-            id_lists = [e.ids for e in encs]
+            id_lists = encode_text(self.tok, [texts[i] for i in plain])
             lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
             ntok[plain] = lengths + 1
             if not chats_at:  # all text (the common case): one flat array, no per-document arrays

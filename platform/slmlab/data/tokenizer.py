@@ -3,6 +3,11 @@
 Byte-level means every string is encodable (no unknown token) and every non-special token
 stands for a fixed byte string — which is what lets bits-per-byte be computed exactly from
 token ids (:func:`token_byte_lengths`).
+
+Document text is encoded with :func:`encode_text`, which treats special-token strings as plain
+text: a corpus that literally contains ``<|end|>`` gets the 7 bytes, never the control token (which
+would count 0 bytes in bits per byte and could forge chat turns). Control tokens come only from
+structure (EOS between documents, role markers around chat messages).
 """
 from __future__ import annotations
 
@@ -64,6 +69,22 @@ def write_transformers_config(folder: Path) -> None:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
+
+
+def encode_text(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, special-token strings encoded as the plain text they spell.
+
+    ``encode_special_tokens`` is a runtime switch of the tokenizer, not saved in tokenizer.json
+    (transformers' chat template must still map rendered markers to control tokens), so it is set
+    around the call and restored."""
+    if not texts:
+        return []
+    before = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        tok.encode_special_tokens = before
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

@@ -75,14 +75,14 @@ def prefill(model, ids: torch.Tensor, chunk: int, room: int):
     n = ids.size(1)
     cache = model.new_cache(ids.size(0), n + room, device=p.device, dtype=p.dtype)
     for s in range(0, n, chunk):
-        logits = model(ids[:, s:s + chunk], cache=cache, start_pos=s, logits_to_keep=1).logits
+        logits = model({"input_ids": ids[:, s:s + chunk]}, cache=cache, start_pos=s, logits_to_keep=1).logits
     return cache, logits
 
 
 def decode(model, cache, logits: torch.Tensor, pos: int, n: int) -> torch.Tensor:
     """Greedy-decode n tokens one forward each, continuing at position pos; returns the last logits."""
     for i in range(n):
-        logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache, start_pos=pos + i, logits_to_keep=1).logits
+        logits = model({"input_ids": logits[:, -1].argmax(-1, keepdim=True)}, cache=cache, start_pos=pos + i, logits_to_keep=1).logits
     return logits
 
 

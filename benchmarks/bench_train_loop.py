@@ -39,7 +39,7 @@ def plain_loop(cfg, shards, steps: int, warmup: int) -> float:
             sl = slice(cursor, cursor + mb)
             cursor = (cursor + mb) % (len(ids) - mb)
             inputs, labels = split_block(ids[sl], mask[sl])
-            out = model(inputs, labels=labels)
+            out = model({"input_ids": inputs, "labels": labels})
             (out.loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()

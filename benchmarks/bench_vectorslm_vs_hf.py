@@ -59,7 +59,7 @@ def train_flops_per_token(cfg: VectorSLMConfig, seq_len: int) -> float:
 def train_step_fn(model, opt, x, y, ours: bool):
     def step():
         if ours:
-            loss = model(x, labels=y).loss
+            loss = model({"input_ids": x, "labels": y}).loss
         else:  # HF shifts labels itself: pass the unshifted sequence, same tokens, same compute
             loss = model(input_ids=x, labels=x).loss
         loss.backward()

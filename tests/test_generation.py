@@ -19,7 +19,7 @@ def model_for(moe=None, n_kv_heads=2, seed=0) -> VectorSLM:
 def greedy_by_recompute(model, ids, n):
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model({"input_ids": ids}).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
     return ids
 

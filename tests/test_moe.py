@@ -119,7 +119,7 @@ def test_model_loss_and_metrics():
     cfg = VectorSLMConfig(vocab_size=50, max_seq_len=32, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, moe=moe)
     model = VectorSLM(cfg)
     ids = torch.randint(0, 50, (2, 12))
-    out = model(ids, labels=ids)
+    out = model({"input_ids": ids, "labels": ids})
     m = out.metrics
     for i in range(3):
         fracs = [m[f"moe/layer{i}/expert{e}_frac"] for e in range(4)]

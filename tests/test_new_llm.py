@@ -39,14 +39,14 @@ def test_recurrent_step_matches_parallel_form(variant):
     ids = torch.randint(0, VOCAB, (2, 2 * SCAN_CHUNK + 5), generator=torch.Generator().manual_seed(1))
     T = ids.size(1)
     with torch.no_grad():
-        parallel = model(ids).logits
+        parallel = model({"input_ids": ids}).logits
         state = model.new_cache(2, T)
-        steps = torch.cat([model(ids[:, t:t + 1], cache=state, start_pos=t).logits for t in range(T)], dim=1)
+        steps = torch.cat([model({"input_ids": ids[:, t:t + 1]}, cache=state, start_pos=t).logits for t in range(T)], dim=1)
         # chunked prefill (parallel form continuing from a state), then single steps, then a chunk again
         state = model.new_cache(2, T)
-        mixed = [model(ids[:, :21], cache=state, start_pos=0).logits]
-        mixed += [model(ids[:, t:t + 1], cache=state, start_pos=t).logits for t in range(21, 24)]
-        mixed.append(model(ids[:, 24:], cache=state, start_pos=24).logits)
+        mixed = [model({"input_ids": ids[:, :21]}, cache=state, start_pos=0).logits]
+        mixed += [model({"input_ids": ids[:, t:t + 1]}, cache=state, start_pos=t).logits for t in range(21, 24)]
+        mixed.append(model({"input_ids": ids[:, 24:]}, cache=state, start_pos=24).logits)
     torch.testing.assert_close(steps, parallel, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(mixed, dim=1), parallel, atol=1e-5, rtol=0)
     assert state.pos == T
@@ -84,7 +84,7 @@ def test_causal(gate):
     changed = ids.clone()
     changed[0, k] = (ids[0, k] + 1) % VOCAB
     with torch.no_grad():
-        a, b = model(ids).logits, model(changed).logits
+        a, b = model({"input_ids": ids}).logits, model({"input_ids": changed}).logits
     torch.testing.assert_close(a[:, :k], b[:, :k], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, k:], b[:, k:])
 
@@ -95,10 +95,10 @@ def test_state_size_independent_of_sequence_length():
     expected = model.cfg.n_layers * 2 * model.cfg.context_dim * 4  # fp32
     assert short.nbytes == long.nbytes == expected
     with torch.no_grad():
-        model(torch.randint(0, VOCAB, (2, 5)), cache=short)
-        model(torch.randint(0, VOCAB, (2, 300)), cache=long)
+        model({"input_ids": torch.randint(0, VOCAB, (2, 5))}, cache=short)
+        model({"input_ids": torch.randint(0, VOCAB, (2, 300))}, cache=long)
         ptr = long.context.data_ptr()
-        model(torch.randint(0, VOCAB, (2, 1)), cache=long, start_pos=300)
+        model({"input_ids": torch.randint(0, VOCAB, (2, 1))}, cache=long, start_pos=300)
     assert short.context.shape == long.context.shape and long.nbytes == expected
     assert long.context.data_ptr() == ptr  # updated in place, no growth or reallocation
 
@@ -144,10 +144,10 @@ def test_cache_rejects_rewind_and_keeps_last_logits():
     ids = torch.randint(0, VOCAB, (1, 10))
     state = model.new_cache(1, 10)
     with torch.no_grad():
-        out = model(ids, cache=state, logits_to_keep=1)
+        out = model({"input_ids": ids}, cache=state, logits_to_keep=1)
         assert out.logits.shape == (1, 1, VOCAB)
         with pytest.raises(ValueError, match="start_pos"):
-            model(ids[:, :1], cache=state, start_pos=5)
+            model({"input_ids": ids[:, :1]}, cache=state, start_pos=5)
 
 
 def test_bf16_forward_keeps_fp32_state():
@@ -155,11 +155,11 @@ def test_bf16_forward_keeps_fp32_state():
     ids = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         state = model.new_cache(2, 20, dtype=torch.bfloat16)
-        logits = model(ids, cache=state).logits
+        logits = model({"input_ids": ids}, cache=state).logits
     assert state.context.dtype == torch.float32 and logits.dtype == torch.bfloat16
     assert torch.isfinite(logits).all()
     with torch.no_grad():
-        ref = tiny()(ids).logits
+        ref = tiny()({"input_ids": ids}).logits
     assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
 
 
@@ -171,7 +171,7 @@ def test_overfits_a_tiny_batch(gate):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out = model({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -185,8 +185,8 @@ def test_backward_through_cached_chunks():
     model = tiny().train()
     ids = torch.randint(0, VOCAB, (2, 24))
     state = model.new_cache(2, 24)
-    model(ids[:, :12], cache=state)
-    out = model(ids[:, 12:], labels=ids[:, 12:].roll(-1, 1), cache=state, start_pos=12)
+    model({"input_ids": ids[:, :12]}, cache=state)
+    out = model({"input_ids": ids[:, 12:], "labels": ids[:, 12:].roll(-1, 1)}, cache=state, start_pos=12)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -199,5 +199,5 @@ def test_generic_generator_matches_parallel_greedy():
     seq = prompt
     with torch.no_grad():
         for _ in range(6):  # no cache: re-run the whole sequence in the parallel form each time
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            seq = torch.cat([seq, model({"input_ids": seq}).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)

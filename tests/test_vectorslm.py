@@ -99,20 +99,20 @@ def test_forward_loss_and_tied_embeddings():
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = -100
-    out = model(ids, labels=labels)
+    out = model({"input_ids": ids, "labels": labels})
     assert out.logits.shape == (2, 16, cfg.vocab_size)
     assert out.loss is out.lm_loss and out.metrics == {}
     assert abs(out.lm_loss.item() - math.log(cfg.vocab_size)) < 0.5  # small init -> near-uniform
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert model(ids).loss is None
+    assert model({"input_ids": ids}).loss is None
 
 
 def test_logits_to_keep():
     model = VectorSLM(tiny()).eval()
     ids = torch.randint(0, 97, (2, 10))
-    full = model(ids).logits
-    torch.testing.assert_close(model(ids, logits_to_keep=3).logits, full[:, -3:])
+    full = model({"input_ids": ids}).logits
+    torch.testing.assert_close(model({"input_ids": ids}, logits_to_keep=3).logits, full[:, -3:])
 
 
 @pytest.mark.parametrize("moe", [None, MoEConfig(num_experts=4, top_k=2)])
@@ -121,11 +121,11 @@ def test_cache_prefill_chunks_and_decode_match_full_forward(moe):
     model = VectorSLM(tiny(moe=moe, init_std=0.1)).eval()
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        full = model(ids).logits
+        full = model({"input_ids": ids}).logits
         cache = model.new_cache(2, 32)
-        parts = [model(ids[:, :7], cache=cache, start_pos=0).logits,  # prefill (causal)
-                 model(ids[:, 7:12], cache=cache, start_pos=7).logits]  # chunk with explicit mask
-        parts += [model(ids[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(12, 20)]  # decode
+        parts = [model({"input_ids": ids[:, :7]}, cache=cache, start_pos=0).logits,  # prefill (causal)
+                 model({"input_ids": ids[:, 7:12]}, cache=cache, start_pos=7).logits]  # chunk with explicit mask
+        parts += [model({"input_ids": ids[:, t:t + 1]}, cache=cache, start_pos=t).logits for t in range(12, 20)]  # decode
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -133,22 +133,22 @@ def test_cache_overflow_and_position_limit_raise():
     model = VectorSLM(tiny()).eval()
     cache = model.new_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache holds 4"):
-        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        model({"input_ids": torch.zeros(1, 5, dtype=torch.long)}, cache=cache)
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        model(torch.zeros(1, 65, dtype=torch.long))
+        model({"input_ids": torch.zeros(1, 65, dtype=torch.long)})
 
 
 def test_bf16_cast_keeps_rotary_tables_fp32_and_autocast_runs():
     torch.manual_seed(0)
     model = VectorSLM(tiny(moe=MoEConfig(num_experts=4, top_k=2)))
     ids = torch.randint(0, 97, (2, 12))
-    ref = model(ids).logits
+    ref = model({"input_ids": ids}).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, labels=ids)
+        out = model({"input_ids": ids, "labels": ids})
         cache = model.new_cache(2, 16, dtype=torch.bfloat16)
-        model(ids, cache=cache)
+        model({"input_ids": ids}, cache=cache)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert (out.logits.float() - ref).abs().max() < 0.1
     bf = VectorSLM(tiny()).to(torch.bfloat16)
     assert bf.rope.cos.dtype == torch.float32 and bf.rope.sin.dtype == torch.float32
-    assert bf(ids).logits.dtype == torch.bfloat16
+    assert bf({"input_ids": ids}).logits.dtype == torch.bfloat16

@@ -15,10 +15,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slmlab.data.config import DataConfig, SourceConfig, Strict, TokenizerConfig  # noqa: F401
+from slmlab.errors import SlmlabError
 from slmlab.models import FAMILIES
 
 
-class ConfigError(ValueError):
+class ConfigError(SlmlabError, ValueError):
     """A pipeline file that cannot run; ``str(err)`` is one line per problem."""
 
 
@@ -47,6 +48,11 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)  # older ones are deleted by Ray
     log_every: int = Field(1, ge=1)  # steps between training-metric logs
     max_failures: int = Field(0, ge=-1)  # Ray restarts from the last checkpoint this many times (-1 = forever)
+    # name prefixes of the parameters that learn (None = all): a frozen trunk, router-only calibration
+    trainable: list[str] | None = None
+    # tokens per optimizer step held fixed across runs that vary data.seq_len (context sweeps): the
+    # micro-batch is derived as tokens_per_step / (seq_len * grad_accum_steps * num_workers)
+    tokens_per_step: int | None = Field(None, ge=1)
 
 
 class EvalConfig(Strict):

@@ -1,16 +1,15 @@
 """KV-cached autoregressive sampling, generic across model families.
 
-Any model works that exposes ``new_cache(batch_size, max_len, device, dtype)`` and
-``forward(input_ids, cache=..., start_pos=...) -> ModelOutput``; if its forward also accepts
-``logits_to_keep`` only the last position's logits are computed, and if it has a ``max_positions``
-attribute, requests longer than that fail before any token is generated.
+Any model whose ``capabilities.generation`` is set works (the contract in ``models/base.py``): its
+``new_cache`` holds the decoding state, ``forward({"input_ids": ...}, cache=..., start_pos=...,
+logits_to_keep=1)`` computes only the last position's logits, and requests longer than
+``capabilities.max_positions`` fail before any token is generated.
 
 The prompt is run once (prefill), then one token per step through the cache. All sequences of a batch
 share one prompt length (no padding support): batch prompts of equal length or call once per prompt.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -44,11 +43,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def state_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a decoding state should have: the model's compute dtype, i.e. its first floating
+    parameter (an INT8-quantised model's integer weights are not it), or the autocast dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device_type = next(model.parameters()).device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
 
 
 @torch.inference_mode()
@@ -70,21 +70,21 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     if max_new_tokens <= 0:
         return input_ids
     B, T = input_ids.shape
-    limit = getattr(model, "max_positions", None)  # set by position-limited families (rotary tables)
+    caps = model.capabilities
+    if not caps.generation:
+        raise TypeError(f"{type(model).__name__} declares no generation capability")
+    limit = caps.max_positions
     if limit is not None and T + max_new_tokens > limit:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len={limit}")
     device = input_ids.device
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    dtype = state_dtype(model)
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
 
     was_training = model.training
     model.eval()
     try:
         cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
-        logits = model(input_ids, cache=cache, start_pos=0, **kw).logits[:, -1]
+        logits = model({"input_ids": input_ids}, cache=cache, start_pos=0, logits_to_keep=1).logits[:, -1]
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
         out[:, :T] = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -103,7 +103,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
                 on_token(tok.tolist())
             if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
                 break
-            logits = model(tok[:, None], cache=cache, start_pos=T + step, **kw).logits[:, -1]
+            logits = model({"input_ids": tok[:, None]}, cache=cache, start_pos=T + step, logits_to_keep=1).logits[:, -1]
         return out[:, : T + n]
     finally:
         model.train(was_training)

@@ -2,7 +2,9 @@
 
 - ``infer/state_mib`` at step = sequence length: bytes of the generation state a model must hold
   to continue a sequence of that length (a transformer's KV cache, New-LLM's context vectors),
-  measured by allocating the family's own cache object and summing its tensors.
+  measured by allocating the family's own cache object and summing its tensors. Only lengths the
+  model can actually run are measured: a model with ``capabilities.max_positions`` below 16k gets
+  the lengths under its limit plus the limit itself, never an extrapolation.
 - ``infer/decode_tokens_per_s``: KV-cached (or state-carrying) greedy decoding speed, batch 1.
 """
 from __future__ import annotations
@@ -35,6 +37,13 @@ def state_bytes(model: nn.Module, seq_len: int) -> int:
     return _tensor_bytes(model.new_cache(1, seq_len))
 
 
+def measurable_lengths(model: nn.Module) -> list[int]:
+    limit = model.capabilities.max_positions
+    if limit is None:
+        return list(SEQ_LENGTHS)
+    return sorted({n for n in SEQ_LENGTHS if n <= limit} | {limit})
+
+
 @torch.inference_mode()
 def decode_tokens_per_s(model: nn.Module, vocab_size: int, max_seq_len: int, prompt_len: int = 32, new_tokens: int = 64) -> float:
     from slmlab.generation import generate
@@ -49,8 +58,11 @@ def decode_tokens_per_s(model: nn.Module, vocab_size: int, max_seq_len: int, pro
 
 
 def profile(model: nn.Module, cfg) -> dict[str, list[tuple[int, float]]]:
-    """{metric key: [(step, value)]} ready for MLflow; ``cfg`` is the model's family config."""
+    """{metric key: [(step, value)]} ready for MLflow; ``cfg`` is the model's family config.
+    Empty for a model that cannot generate."""
+    if not model.capabilities.generation:
+        return {}
     return {
-        "infer/state_mib": [(n, state_bytes(model, n) / 2**20) for n in SEQ_LENGTHS],
+        "infer/state_mib": [(n, state_bytes(model, n) / 2**20) for n in measurable_lengths(model)],
         "infer/decode_tokens_per_s": [(0, decode_tokens_per_s(model, cfg.vocab_size, cfg.max_seq_len))],
     }

@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from slmlab.schema import StrictConfig
 from slmlab.config import ConfigError, PipelineConfig, _set_dotted, validate_pipeline
 
 DISTRIBUTIONS = {"choice", "grid", "uniform", "loguniform", "randint"}
 
 
-class SearchSpace(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SearchSpace(StrictConfig):
     metric: str = "val/bpb"  # what ASHA compares trials on
     mode: str = Field("min", pattern="^(min|max)$")
     num_samples: int = Field(4, ge=1)  # samples drawn (times the grid size when a grid is used)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
+
+from slmlab.schema import StrictConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,10 +199,8 @@ class SwiGLU(nn.Module):
 # Mixture of experts
 
 
-class MoEConfig(BaseModel):
+class MoEConfig(StrictConfig):
     """Sparse mixture-of-experts feed-forward settings (shared by every family that uses MoE)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # experts per MoE layer: total FFN parameters grow with it while compute per token does not
     num_experts: int = Field(8, ge=1)

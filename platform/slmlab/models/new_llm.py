@@ -62,7 +62,15 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from slmlab.models.base import FamilyConfig, ModelOutput, lm_cross_entropy, register_family
+from slmlab.models.base import (
+    Batch,
+    Capabilities,
+    FamilyConfig,
+    LanguageModel,
+    ModelOutput,
+    lm_cross_entropy,
+    register_family,
+)
 from slmlab.models.layers import RMSNorm
 
 SCAN_CHUNK = 16  # tokens per chunk of the parallel scan; SCAN_CHUNK * MAX_FORGET must stay < 88 (fp32 exp)
@@ -220,7 +228,10 @@ class ContextLayer(nn.Module):
         return h + self.ffn(torch.cat([read, u], dim=-1)), c[:, -1]
 
 
-class NewLLM(nn.Module):
+class NewLLM(LanguageModel):
+    # no positions anywhere: a sequence can run past max_seq_len (the state is the same size)
+    capabilities = Capabilities(generation=True, max_positions=None)
+
     def __init__(self, cfg: NewLLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -263,13 +274,14 @@ class NewLLM(nn.Module):
                               device=device if device is not None else p.device, dtype=dtype)
         return NewLLMState(context)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: NewLLMState | None = None, start_pos: int = 0, logits_to_keep: int = 0) -> ModelOutput:
-        """input_ids (batch, seq). With ``cache`` the sequence continues from the cached context (which
+    def forward(self, batch: Batch, *, cache: NewLLMState | None = None, start_pos: int = 0,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """batch["input_ids"] (batch, seq). With ``cache`` the sequence continues from the cached context (which
         must hold exactly ``start_pos`` tokens) and the cache is advanced in place; gradients do not
         flow into the cache. Without it, positions are irrelevant (no positional embeddings) and
         ``start_pos`` is ignored. ``labels`` are aligned with the logits; ``logits_to_keep=n`` computes
         only the last n logits."""
+        input_ids, labels = batch["input_ids"], batch.get("labels")
         if cache is not None:
             if start_pos != cache.pos:
                 raise ValueError(f"start_pos: the New-LLM state holds {cache.pos} tokens and cannot rewind or "

@@ -33,7 +33,15 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from slmlab.models.base import FamilyConfig, ModelOutput, lm_cross_entropy, register_family
+from slmlab.models.base import (
+    Batch,
+    Capabilities,
+    FamilyConfig,
+    LanguageModel,
+    ModelOutput,
+    lm_cross_entropy,
+    register_family,
+)
 from slmlab.models.layers import Attention, KVCache, MoEConfig, MoEFeedForward, RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -112,10 +120,13 @@ class Block(nn.Module):
         return x + h, aux
 
 
-class VectorSLM(nn.Module):
+class VectorSLM(LanguageModel):
     def __init__(self, cfg: VectorSLMConfig):
         super().__init__()
         self.cfg = cfg
+        # rotary tables bound the positions; the layout is Llama's, or Mixtral's with MoE
+        self.capabilities = Capabilities(generation=True, max_positions=cfg.max_seq_len,
+                                         hf_export="MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM")
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -136,23 +147,19 @@ class VectorSLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    @property
-    def max_positions(self) -> int:
-        """Longest sequence the rotary tables cover (generation checks requests against it)."""
-        return self.cfg.max_seq_len
-
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Static KV cache for generation: max_len positions for each of batch_size sequences."""
         p = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
                        device=device if device is not None else p.device, dtype=dtype or p.dtype)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, logits_to_keep: int = 0) -> ModelOutput:
-        """input_ids (batch, seq) at positions [start_pos, start_pos+seq). With ``cache`` the keys/values
+    def forward(self, batch: Batch, *, cache: KVCache | None = None, start_pos: int = 0,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """batch["input_ids"] (batch, seq) at positions [start_pos, start_pos+seq). With ``cache`` the keys/values
         are stored there and earlier positions are read from it. ``labels`` are aligned with the
         logits (labels[t] is the target at t). ``logits_to_keep=n`` computes only the last n logits
         (generation needs 1). Metrics (aux losses, expert load) are reported when labels are given."""
+        input_ids, labels = batch["input_ids"], batch.get("labels")
         x = self.tok_emb(input_ids)
         cos, sin = self.rope(start_pos, input_ids.size(1), x.dtype if not torch.is_autocast_enabled(x.device.type)
                              else torch.get_autocast_dtype(x.device.type))

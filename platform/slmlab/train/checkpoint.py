@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "model_config.json"
@@ -64,14 +65,53 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{cfg_file}: family: expected one of {sorted(FAMILIES)}, found {family!r}")
     cfg = FAMILIES[family].config_cls.model_validate(raw)
     model = build_model(cfg)
-    missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
-    missing = [m for m in missing if not _is_tied_alias(model, m)]
-    if missing or unexpected:
-        raise ValueError(f"{path / MODEL_FILE}: expected weights for {cfg.family}, missing {missing[:5]} unexpected {list(unexpected)[:5]}")
+    load_weights(model, path / MODEL_FILE)
     return cfg, model.to(device).eval()
 
 
-def _is_tied_alias(model: nn.Module, name: str) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unique = dict(model.named_parameters())
-    return name in params and name not in unique
+class WeightsMismatch(ValueError):
+    """A weights file whose tensor names or shapes do not fit the model it is loaded into."""
+
+
+def load_weights(model: nn.Module, file: str | Path, allow_missing: Iterable[str] = ()) -> list[str]:
+    """Load a safetensors file into ``model``, strictly: every tensor the model saves must be in the
+    file (under any of its names, for tied weights) and every tensor in the file must be one of the
+    model's, with the same shape. ``allow_missing`` are name prefixes a caller deliberately leaves
+    as initialised (e.g. fresh expert FFNs on a trained trunk); the names left so are returned.
+    Anything else is a :class:`WeightsMismatch` listing the names."""
+    from safetensors import safe_open
+
+    allow = tuple(allow_missing)
+    state = model.state_dict(keep_vars=True)
+    tied: dict[int, list[str]] = {}  # one entry per distinct tensor, with all its names
+    for name, tensor in state.items():
+        tied.setdefault(id(tensor), []).append(name)
+    with safe_open(str(file), framework="pt") as f:
+        stored = set(f.keys())
+        unexpected = sorted(stored - set(state))
+        missing, left, load = [], [], []
+        for names in tied.values():
+            present = [n for n in names if n in stored]
+            if present:
+                load.append((names[0], present[0]))
+            elif names[0].startswith(allow):
+                left.append(names[0])
+            else:
+                missing.append(names[0])
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for _, n in load}
+        wrong = [f"{n} {shapes[n]} (model {tuple(state[m].shape)})" for m, n in load if shapes[n] != tuple(state[m].shape)]
+        if missing or unexpected or wrong:
+            problems = [f"missing {_names(missing)}" if missing else "",
+                        f"unexpected {_names(unexpected)}" if unexpected else "",
+                        f"wrong shape {_names(wrong)}" if wrong else ""]
+            raise WeightsMismatch(f"{file}: expected the tensors of {type(model).__name__}, found "
+                                  + "; ".join(p for p in problems if p))
+        with torch.no_grad():
+            for model_name, file_name in load:
+                state[model_name].copy_(f.get_tensor(file_name))
+    return sorted(left)
+
+
+def _names(names: list[str], show: int = 8) -> str:
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return ", ".join(names[:show]) + more

@@ -1,13 +1,16 @@
 """The training loop — one for every family. Runs inside each Ray Train worker.
 
-It knows nothing about a particular architecture: it builds ``build_model(cfg.model)``, wraps it
-in a DeepSpeed engine, feeds packed blocks from the Ray Data shard, and calls the model as
-``model(inputs, labels=labels) -> ModelOutput``. Everything else (ZeRO, precision, accumulation,
-clipping) is DeepSpeed's, chosen by config.
+It knows nothing about a particular architecture: it builds ``build_model(cfg.model)``, wraps it in
+a DeepSpeed engine, turns each Ray Data batch into the dict the model declares it reads
+(``capabilities.batch_fields``: tokens and labels, images, teacher targets...) and calls
+``model(batch) -> ModelOutput``. Everything else (ZeRO, precision, accumulation, clipping) is
+DeepSpeed's, chosen by config. Evaluation is the same generic pass for every family: loss,
+perplexity and bits per byte, plus the figures the family computes from its own eval sums.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -18,12 +21,34 @@ import torch
 CLIENT_STATE = "slmlab_state.json"
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the step is applied."""
+
+
 def _setup_env(cfg) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
     threads = cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker))
     torch.set_num_threads(threads)
+
+
+def _freeze(model: torch.nn.Module, trainable: list[str] | None) -> int:
+    """Only parameters whose names start with one of ``trainable`` learn; returns how many do."""
+    if trainable is None:
+        return sum(p.numel() for p in model.parameters())
+    names = tuple(trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(names))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise ValueError(f"train.trainable: expected prefixes of parameter names, found none matching {trainable}")
+    return n
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -38,11 +63,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from slmlab.data.tokenizer import load_tokenizer, token_byte_lengths
-    from slmlab.evaluate import EvalTotals, batch_totals, split_block
+    from slmlab.evaluate import evaluate_batches, to_model_batch
     from slmlab.models import build_model, count_parameters
-    from slmlab.train.checkpoint import save_model_files
-    from slmlab.train.optim import build_optimizer, deepspeed_config
     from slmlab.tracking import MetricsLogger
+    from slmlab.train.checkpoint import load_weights, save_model_files
+    from slmlab.train.optim import build_optimizer, deepspeed_config
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -50,15 +75,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank
 
     model = build_model(cfg.model)
-    if loop_config.get("init_from") and ray.train.get_checkpoint() is None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(Path(loop_config["init_from"]) / "model.safetensors"), strict=False)
+    init = loop_config.get("init_from")
+    if init and ray.train.get_checkpoint() is None:
+        left = load_weights(model, Path(init["path"]) / "model.safetensors", allow_missing=init.get("allow_missing", ()))
+        if rank == 0 and left:
+            print(f"[slmlab] warm start from {init['path']}: {len(left)} tensors left as initialised "
+                  f"({', '.join(left[:4])}{' ...' if len(left) > 4 else ''})", flush=True)
+    trainable = _freeze(model, tc.trainable)
     optimizer, scheduler = build_optimizer(model, tc)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, world), dist_init_required=False
     )
     device = engine.device
+    fields = model.capabilities.batch_fields
     byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(loop_config["tokenizer_path"])), device=device)
     logger = MetricsLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
 
@@ -78,22 +107,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mb = tc.micro_batch_size
     tokens_per_step = mb * tc.grad_accum_steps * world * cfg.data.seq_len
     stop_at = tc.stop_at_step or tc.max_steps
+    last_checkpoint_step = step
 
     def evaluate() -> dict[str, float]:
-        engine.eval()
-        totals = EvalTotals()
-        for i, batch in enumerate(val_shard.iter_torch_batches(batch_size=mb, drop_last=False)):
-            if tc.eval_batches and i >= tc.eval_batches:
-                break
-            inputs, labels = split_block(batch["input_ids"].to(device), batch["target_mask"].to(device))
-            totals.add(batch_totals(engine, inputs, labels, byte_lengths))
-        t = totals.as_tensor()
-        if world > 1:
-            dist.all_reduce(t)
-        engine.train()
-        return EvalTotals.from_tensor(t).metrics("val")
+        return evaluate_batches(engine, val_shard.iter_torch_batches(batch_size=mb, drop_last=False), byte_lengths,
+                                device, max_batches=tc.eval_batches)
 
     def save_and_report(metrics: dict, final: bool) -> None:
+        nonlocal last_checkpoint_step
         with tempfile.TemporaryDirectory(prefix="slmlab-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag="ds")
             if rank == 0:
@@ -101,11 +122,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if final:
                 save_model_files(engine, cfg.model, Path(tmp), is_writer=rank == 0)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        last_checkpoint_step = step
 
     if rank == 0:
         params = count_parameters(model)
-        print(f"[slmlab] {cfg.model.family}: {params:,} parameters, {tokens_per_step:,} tokens/step, world size {world}", flush=True)
-        logger.log({"model/parameters": params}, step=step)
+        note = f" ({trainable:,} trainable)" if trainable != sum(p.numel() for p in model.parameters()) else ""
+        print(f"[slmlab] {cfg.model.family}: {params:,} parameters{note}, {tokens_per_step:,} tokens/step, "
+              f"world size {world}", flush=True)
+        logger.log({"model/parameters": params, "model/trainable_parameters": trainable}, step=step)
 
     last_val: dict[str, float] = {}  # carried in every report so Tune schedulers always see the metric
 
@@ -113,12 +137,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = last_val = evaluate()
         if logger:
             logger.log(metrics, step=0)
+            print(f"[slmlab] step 0/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f}", flush=True)
         ray.train.report({**metrics, "step": 0})
 
     # ---- train ---------------------------------------------------------------------------
     engine.train()
     done = step >= stop_at
-    last_log_t, tokens_since = time.perf_counter(), 0
+    start_step, t_start = step, time.perf_counter()
+    last_log_t, tokens_since = t_start, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # over this step's micro-batches
+    show_every = max(1, tc.max_steps // 10)  # about ten progress lines per run
     while not done:
         batches = train_shard.iter_torch_batches(
             batch_size=mb,
@@ -127,24 +155,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
             local_shuffle_seed=cfg.seed + epoch if cfg.data.shuffle_buffer else None,
         )
         skip = micro_in_epoch
-        for batch in batches:
+        for raw in batches:
             if skip:
                 skip -= 1
                 continue
             micro_in_epoch += 1
-            inputs, labels = split_block(batch["input_ids"].to(device), batch["target_mask"].to(device))
-            out = engine(inputs, labels=labels)
-            engine.backward(out.loss)
+            batch = to_model_batch(raw, device, fields)
+            out = engine(batch)
+            loss, lm_loss = out.loss, out.lm_loss if out.lm_loss is not None else out.loss
+            if _inject_nan(step + 1):
+                loss, lm_loss = loss * float("nan"), lm_loss * float("nan")
+            engine.backward(loss)
+            loss_sum += lm_loss.detach().double()
+            tokens_since += batch["input_ids"].numel()
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                # the step's loss: mean over its micro-batches and every rank, checked before it is applied
+                mean_loss = loss_sum / tc.grad_accum_steps
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                step_loss = float(mean_loss)
+                loss_sum.zero_()
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLoss(
+                        f"step {step + 1}: train/loss is {step_loss}; the step was not applied and the run stopped. "
+                        f"The last good checkpoint (step {last_checkpoint_step}) is kept: lower train.lr or fix the "
+                        f"data, then continue with --resume")
             engine.step()
-            tokens_since += inputs.numel()
             if not boundary:
                 continue
             step += 1
+            now = time.perf_counter()
             if logger and (step % tc.log_every == 0 or step == stop_at):
-                now = time.perf_counter()
                 metrics = {
-                    "train/loss": float(out.lm_loss if out.lm_loss is not None else out.loss),
+                    "train/loss": step_loss,
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/tokens": step * tokens_per_step,
                     "train/tokens_per_s": tokens_since * world / max(now - last_log_t, 1e-9),
@@ -152,15 +197,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 }
                 last_log_t, tokens_since = now, 0
                 logger.log(metrics, step=step)
+            if rank == 0 and (step % show_every == 0 or step == stop_at):
+                rate = (step - start_step) / max(now - t_start, 1e-9)
+                print(f"[slmlab] step {step}/{tc.max_steps} loss {step_loss:.4f} "
+                      f"{rate * tokens_per_step:,.0f} tok/s eta {_fmt_eta((stop_at - step) / max(rate, 1e-9))}", flush=True)
             final = step >= stop_at
             if final or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0:
                 if final or step % tc.eval_every == 0:
                     last_val = evaluate()
                 metrics = {**last_val, "step": step, "epoch": epoch}
-                if final or step % tc.eval_every == 0:
-                    if logger:
-                        logger.log({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
-                        print(f"[slmlab] step {step}/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f} val/loss {metrics['val/loss']:.4f}", flush=True)
+                if (final or step % tc.eval_every == 0) and logger:
+                    logger.log({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
+                    print(f"[slmlab] step {step}/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f} "
+                          f"val/loss {metrics['val/loss']:.4f}", flush=True)
                 if final or step % tc.checkpoint_every == 0:
                     save_and_report(metrics, final=final)
                 else:
@@ -173,6 +222,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch, micro_in_epoch = epoch + 1, 0
 
 
+def _once(env_step: str, step: int) -> bool:
+    """True once for the fault-injection knob ``env_step`` at ``step`` (a marker file remembers)."""
+    at, marker = os.environ.get(env_step), os.environ.get("SLMLAB_FAIL_MARKER")
+    if not (at and marker and step == int(at) and not Path(marker).exists()):
+        return False
+    Path(marker).write_text(str(step))
+    return True
+
+
+def _inject_nan(step: int) -> bool:
+    """Fault-injection hook for the NaN test: SLMLAB_FAIL_NAN_AT_STEP=N poisons step N's loss once."""
+    return _once("SLMLAB_FAIL_NAN_AT_STEP", step)
+
+
 def _maybe_inject_failure(step: int) -> None:
     """Fault-injection hook for the fault-tolerance tests: SLMLAB_FAIL_AT_STEP=N kills this worker
     process once, after step N (a marker file makes the restarted attempt survive).
@@ -182,8 +245,7 @@ def _maybe_inject_failure(step: int) -> None:
     moments before a crash can be lost and the retry starts from the one before. Real steps take
     longer than that; the tests' tiny steps do not."""
     at = os.environ.get("SLMLAB_FAIL_AT_STEP")
-    marker = os.environ.get("SLMLAB_FAIL_MARKER")
-    if at and marker and step == int(at) and not Path(marker).exists():
+    if at and int(at) == step and os.environ.get("SLMLAB_FAIL_MARKER") and not Path(os.environ["SLMLAB_FAIL_MARKER"]).exists():
         time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
-        Path(marker).write_text(str(step))
-        os._exit(1)
+        if _once("SLMLAB_FAIL_AT_STEP", step):
+            os._exit(1)

@@ -67,3 +67,47 @@ def test_chat_markers_come_only_from_structure(tok_path):
     assert direct.tolist() == ids.tolist()
     prompt = chat.prompt_ids(tok, [("user", forged)])
     assert prompt.count(assistant) == 1 and prompt[-1] == assistant and prompt.count(end) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning is validated on answers the pretraining never trained on
+
+
+@pytest.fixture(scope="module")
+def embedded_files(tmp_path_factory):
+    from slmlab.data.instructions import embedded_instructions_path, write_embedded_instructions
+    from slmlab.data.sources import embedded_corpus_path, write_embedded_corpus
+
+    cache = tmp_path_factory.mktemp("cache")
+    return (write_embedded_corpus(embedded_corpus_path(cache)),
+            write_embedded_instructions(embedded_instructions_path(cache)))
+
+
+def split_of(path, seed: int, val_fraction: float, fmt: str) -> tuple[list[str], list[str], list[int]]:
+    """(doc ids, texts, splits) exactly as the build's reader computes them."""
+    from slmlab.data.sources import parse_jsonl
+
+    rows = Rows(0, SourceConfig(kind="embedded", format=fmt), seed=seed, val_fraction=val_fraction)
+    parse_jsonl(str(path), path.read_bytes(), rows)
+    assert not any(rows.cols["bad"])
+    return rows.cols["doc_id"], rows.cols["text"], rows.cols["split"]
+
+
+@pytest.mark.parametrize("seed, pretrain_val, finetune_val", [(1234, 0.05, 0.05), (7, 0.1, 0.1), (11, 0.1, 0.05)])
+def test_finetune_validation_answers_are_not_pretraining_training_text(embedded_files, seed, pretrain_val,
+                                                                       finetune_val):
+    corpus, instructions = embedded_files
+    ids, texts, split = split_of(corpus, seed, pretrain_val, "text")
+    assert ids[0].startswith("topic:") and all(i.startswith(("topic:", "module:")) for i in ids)  # not file:line
+    trained = "\x00".join(" ".join(t.split()) for t, s in zip(texts, split) if s == 0)
+    q_ids, records, q_split = split_of(instructions, seed, finetune_val, "chat")
+    answers = [chat.loads(r)[-1][1] for r, s in zip(records, q_split) if s == 1]
+    leaked = [a for a in answers if " ".join(a.split()) in trained]
+    assert not leaked, f"{len(leaked)} of {len(answers)} validation answers are pretraining training text"
+    # whole groups are held out, yet about the requested fraction of each corpus
+    assert 0.4 * finetune_val * len(records) < len(answers) < 2.5 * finetune_val * len(records)
+    nbytes = np.array([len(t.encode()) for t in texts])
+    assert 0.4 * pretrain_val < nbytes[np.array(split) == 1].sum() / nbytes.sum() < 2.5 * pretrain_val
+    # the held-out set only grows with val_fraction: a smaller fine-tuning fraction stays inside it
+    _, _, more = split_of(instructions, seed, pretrain_val, "chat")
+    assert all(b == 1 for a, b in zip(q_split, more) if a == 1)

@@ -14,7 +14,8 @@ What a document is:
     ``text_field`` (format text) or the chat record (format chat, see :mod:`slmlab.data.chat`).
     Blank jsonl lines are not records.
   * ``embedded`` — the stdlib documentation corpus (:mod:`slmlab.data.embedded`), one doc per entry;
-    with ``format: chat``, the stdlib question/answer set (:mod:`slmlab.data.instructions`).
+    with ``format: chat``, the stdlib question/answer set (:mod:`slmlab.data.instructions`). Both
+    split by held-out group, not by text, so Q/A validation answers are never pretraining text.
 
 Files are read with Ray Data's own reader ``read_binary_files`` (text, jsonl and parquet: one file per
 task, so bad lines/rows are counted one by one with their position), which also takes cloud URIs
@@ -53,7 +54,7 @@ DOC_SCHEMA = pa.schema([
     ("text", pa.string()),  # the document, or the chat record as JSON [[role, content], ...]
     ("nbytes", pa.int64()),  # UTF-8 bytes of the text (chat: of the message contents)
     ("score", pa.float64()),  # score_field value (NaN when unset)
-    ("split", pa.int8()),  # TRAIN / VAL, by a hash of the text: equal texts land on the same side
+    ("split", pa.int8()),  # TRAIN / VAL, by a hash of the text (equal texts, same side), or by split_at (embedded)
     ("key", pa.float64()),  # uniform [0, 1) per document, by seed: sampling, mixture, order
     ("u", pa.float64()),  # uniform [0, 1) per text, by seed: random partitions
     ("bad", pa.string()),  # "" for a usable document, else why the record was not used
@@ -188,8 +189,16 @@ class Rows:
         self.index, self.src, self.seed, self.val_fraction = index, src, seed, val_fraction
         self.cols = {name: [] for name in DOC_SCHEMA.names}
 
-    def doc(self, doc_id: str, text: str, nbytes: int, score: float = math.nan, fmt: int = FMT_TEXT) -> None:
+    def doc(self, doc_id: str, text: str, nbytes: int, score: float = math.nan, fmt: int = FMT_TEXT,
+            split_at: float | None = None) -> None:
+        """``split_at``: the document's place on the embedded corpora's held-out circle (shared by the
+        pretraining text and the Q/A answers drawn from it); otherwise the split follows the text."""
         h = hashlib.blake2b(f"{self.seed}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if split_at is None:
+            held_out = _unit(h) < self.val_fraction
+        else:
+            turn = _unit(hashlib.blake2b(f"{self.seed}\x00held-out".encode(), digest_size=8).digest())
+            held_out = (split_at + turn) % 1.0 < self.val_fraction
         k = hashlib.blake2b(f"{self.seed}\x00{self.index}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
         c = self.cols
         c["source"].append(self.index)
@@ -198,7 +207,7 @@ class Rows:
         c["text"].append(text)
         c["nbytes"].append(nbytes)
         c["score"].append(score)
-        c["split"].append(VAL if _unit(h) < self.val_fraction else TRAIN)
+        c["split"].append(VAL if held_out else TRAIN)
         c["key"].append(_unit(k))
         c["u"].append(_unit(h[8:]))
         c["bad"].append("")
@@ -220,11 +229,14 @@ class Rows:
                 return self.bad(where, f"field {src.score_field!r} is {_type(v) if v is not None else 'missing'}, expected a finite number")
             score = float(v)
         doc_id = str(rec[src.id_field]) if src.id_field and rec.get(src.id_field) is not None else default_id
+        split_at = None
+        if src.kind == "embedded":  # our own records: a stable id (not the cache path) and a held-out place
+            doc_id, split_at = rec["id"], rec["split_at"]
         if src.format == "chat":
             messages, reason = chat.normalize_chat(rec, src)
             if reason:
                 return self.bad(where, reason)
-            return self.doc(doc_id, chat.dumps(messages), chat.content_bytes(messages), score, FMT_CHAT)
+            return self.doc(doc_id, chat.dumps(messages), chat.content_bytes(messages), score, FMT_CHAT, split_at)
         if src.text_field not in rec:
             return self.bad(where, f"missing field {src.text_field!r}")
         text = rec[src.text_field]
@@ -232,7 +244,7 @@ class Rows:
             return self.bad(where, f"field {src.text_field!r} is {_type(text)}, expected a string")
         if not text.strip():
             return self.bad(where, "empty text")
-        self.doc(doc_id, text, len(text.encode("utf-8", "surrogatepass")), score)
+        self.doc(doc_id, text, len(text.encode("utf-8", "surrogatepass")), score, split_at=split_at)
 
     def table(self) -> pa.Table:
         return pa.table({n: pa.array(self.cols[n], type=DOC_SCHEMA.field(n).type) for n in DOC_SCHEMA.names}, schema=DOC_SCHEMA)

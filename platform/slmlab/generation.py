@@ -10,7 +10,7 @@ share one prompt length (no padding support): batch prompts of equal length or c
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -55,7 +55,8 @@ def state_dtype(model: nn.Module) -> torch.dtype:
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_token_ids: Iterable[int] = (),
              generator: torch.Generator | None = None,
-             on_token: Callable[[list[int]], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[list[int]], None] | None = None,
+             extra: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens.
 
     Returns (batch, prompt_len + n) with the prompt first, n <= max_new_tokens. A sequence that emits a
@@ -63,7 +64,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     sequence has finished (generation then ends early). ``on_token(tokens)`` is called after every step
     with the token each sequence received (a list of ints, one per sequence) for streaming output;
     finished sequences report their stop token again. The model is put in eval mode for the call and
-    restored afterwards.
+    restored afterwards. ``extra``: batch fields the prefill call also gets (e.g. ``pixel_values``, an
+    image prefix a vision-language model encodes once into the cache); decode steps get tokens only.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -84,7 +86,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     model.eval()
     try:
         cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
-        logits = model({"input_ids": input_ids}, cache=cache, start_pos=0, logits_to_keep=1).logits[:, -1]
+        prefill = {**(extra or {}), "input_ids": input_ids}
+        logits = model(prefill, cache=cache, start_pos=0, logits_to_keep=1).logits[:, -1]
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
         out[:, :T] = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -39,12 +39,13 @@ def pipeline_runs(ray_local, tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(pipeline_runs):
     """The pretraining stage of that pipeline, as if it had run alone."""
-    from slmlab.pipeline import RunResult
+    from slmlab.lifecycle import RunResult
 
     cfg, sft, client = pipeline_runs
     pre_id = client.get_run(sft.mlflow_run_id).data.tags["slmlab.parent_run_id"]
     pre = client.get_run(pre_id)
-    result = RunResult(pre.info.run_name, pre_id, pre.data.tags["slmlab.registered_version"].split("/")[-1], pre.data.metrics, None)
+    version = pre.data.tags["slmlab.registered_version"].split("/")[-1]
+    result = RunResult(cfg.label, pre.info.run_name, pre_id, "FINISHED", version, metrics=pre.data.metrics)
     return cfg.model_copy(update={"finetune": None}), result, client
 
 

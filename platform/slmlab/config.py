@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 from slmlab.data.config import DataConfig, SourceConfig, Strict, TokenizerConfig  # noqa: F401
 from slmlab.errors import SlmlabError
 from slmlab.models import FAMILIES
+from slmlab.stages import STAGES, StageConfig
 
 
 class ConfigError(SlmlabError, ValueError):
@@ -95,6 +96,11 @@ class VariantConfig(Strict):
         return _check_family(v)
 
 
+def _stage_union():
+    classes = tuple(k.config_cls for k in STAGES.values())
+    return Annotated[Union[classes], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
 def _check_family(v: Any) -> Any:
     if isinstance(v, dict) and v.get("family") not in FAMILIES:
         raise ValueError(f"expected family one of {sorted(FAMILIES)}, found {v.get('family')!r}")
@@ -113,6 +119,8 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compare: list[VariantConfig] = Field(default_factory=list)  # more models on the same data and budget
     finetune: FinetuneConfig | None = None  # instruction fine-tuning of the main model after pretraining
+    # the ordered stages; empty = pretrain, then compare (with `compare:`), then finetune (with `finetune:`)
+    stages: list[_stage_union()] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @field_validator("run_dir")
     @classmethod
@@ -124,6 +132,21 @@ class PipelineConfig(Strict):
     @classmethod
     def _known_family(cls, v: Any) -> Any:
         return _check_family(v)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _known_stage(cls, v: Any) -> Any:
+        for item in v if isinstance(v, list) else []:
+            if isinstance(item, dict) and item.get("kind") not in STAGES:
+                raise ValueError(f"expected stage kinds from {sorted(STAGES)}, found {item.get('kind')!r}")
+        return v
+
+    def stage_list(self) -> list[StageConfig]:
+        """The stages this pipeline runs, in order (the default list when none are given)."""
+        if self.stages:
+            return list(self.stages)
+        kinds = ["pretrain"] + (["compare"] if self.compare else []) + (["finetune"] if self.finetune else [])
+        return [STAGES[k].config_cls() for k in kinds]
 
     def finetune_train(self) -> TrainConfig:
         assert self.finetune is not None
@@ -208,6 +231,25 @@ def _cross_checks(cfg: PipelineConfig, source: str) -> None:
             problems += [line.replace(f"{source}: ", f"{source}: finetune.train.", 1) for line in _format_errors(source, err).splitlines()]
         if cfg.finetune.data.seq_len > cfg.model.max_seq_len:
             problems.append(f"{source}: finetune.data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.finetune.data.seq_len}")
+    names = [st.stage_name for st in cfg.stage_list()]
+    if len(set(names)) != len(names):
+        problems.append(f"{source}: stages: expected distinct stage names, found {names}")
+    for i, st in enumerate(cfg.stages):
+        for j, run in enumerate(getattr(st, "runs", None) or []):
+            if getattr(run, "partition", None) is not None and cfg.data.partition is None:
+                problems.append(f"{source}: stages.{i}.runs.{j}.partition: expected data.partition to be set, found none")
+            if getattr(run, "set", None):
+                try:
+                    validate_pipeline(apply_overrides({**cfg.model_dump(mode="json"), "stages": []}, run.set),
+                                      f"{source} (stages.{i}.runs.{j}.set)")
+                except ConfigError as err:
+                    problems.append(str(err))
+    tps = cfg.train.tokens_per_step
+    if tps is not None:
+        per_micro = cfg.data.seq_len * cfg.train.grad_accum_steps * cfg.train.num_workers
+        if tps % per_micro:
+            problems.append(f"{source}: train.tokens_per_step: expected a multiple of data.seq_len x grad_accum_steps x "
+                            f"num_workers = {per_micro}, found {tps}")
     if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
         problems.append(f"{source}: train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0")
     if problems:
@@ -222,7 +264,21 @@ def validate_pipeline(raw: dict, source: str = "<config>") -> PipelineConfig:
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
     _cross_checks(cfg, source)
+    tps = cfg.train.tokens_per_step
+    if tps is not None:  # equal tokens per step whatever the context length: the batch follows seq_len
+        per_micro = cfg.data.seq_len * cfg.train.grad_accum_steps * cfg.train.num_workers
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": tps // per_micro})})
     return cfg
+
+
+def apply_overrides(base: dict, overrides: dict[str, Any], source: str = "overrides") -> dict:
+    """A copy of a raw pipeline tree with dotted-path overrides applied ({"train.lr": 0.01})."""
+    import copy
+
+    tree = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        _set_dotted(tree, dotted, value, source)
+    return tree
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

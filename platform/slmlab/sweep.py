@@ -17,7 +17,6 @@ Search-space files (``search_spaces/*.yaml``)::
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slmlab.schema import StrictConfig
-from slmlab.config import ConfigError, PipelineConfig, _set_dotted, validate_pipeline
+from slmlab.config import ConfigError, PipelineConfig, apply_overrides, validate_pipeline
 
 DISTRIBUTIONS = {"choice", "grid", "uniform", "loguniform", "randint"}
 
@@ -73,44 +72,34 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError("\n".join(lines)) from None
 
 
-def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
-    tree = copy.deepcopy(base)
-    for dotted, value in overrides.items():
-        _set_dotted(tree, dotted, value, "sweep")
-    return tree
-
-
 def run_trial(config: dict, base: dict, parent_run_id: str, sweep_name: str) -> None:
-    """One Tune trial: validate the overridden pipeline, build (or reuse) its shards, train."""
+    """One Tune trial: validate the overridden pipeline, reuse its (pre-built) shards, and train it
+    through the one run lifecycle with Tune seeing every report."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from slmlab.data.shards import build_shards
-    from slmlab.pipeline import finish_run, start_run
-    from slmlab.tracking import client_for
-    from slmlab.train.launch import build_trainer
+    from slmlab.lifecycle import RunSpec, train_run
 
     trial_id = tune.get_context().get_trial_id()
     cfg = validate_pipeline(apply_overrides(base, config), f"sweep {sweep_name} trial {trial_id}")
     shards = build_shards(cfg, progress=lambda m: None)
-    cfg.model.vocab_size = shards.summary["vocab_size"]
-    client = client_for(cfg.run_dir)
-    run_name = f"{sweep_name}-{trial_id}"
-    run_id, uri = start_run(client, cfg, shards, run_name, tags={
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": shards.summary["vocab_size"]})})
+    spec = RunSpec(label=trial_id, cfg=cfg, shards=shards, run_name=f"{sweep_name}-{trial_id}", tags={
         "mlflow.parentRunId": parent_run_id, "slmlab.sweep": sweep_name, "slmlab.trial_id": trial_id,
         "slmlab.overrides": json.dumps(config, sort_keys=True, default=str)})
-    trainer = build_trainer(cfg, shards, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id, callbacks=[TuneReportCallback()])
     try:
-        result = trainer.fit()
+        train_run(spec, progress=lambda m: None, callbacks=[TuneReportCallback()])
     except BaseException:
-        client.set_terminated(run_id, status="KILLED")  # ASHA stops trials by cancelling them
+        # ASHA stops a trial by cancelling it; the lifecycle marked the run FAILED, which it was not
+        from slmlab.tracking import client_for
+
+        client = client_for(cfg.run_dir)
+        runs = client.search_runs([client.get_experiment_by_name(cfg.experiment_name).experiment_id],
+                                  filter_string=f"tags.`slmlab.trial_id` = '{trial_id}'")
+        for r in runs:
+            client.set_terminated(r.info.run_id, status="KILLED")
         raise
-    try:
-        finish_run(client, cfg, run_id, result.checkpoint, shards, progress=lambda m: None)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
 
 
 DATA_FIELDS = ("data.", "tokenizer.", "seed")

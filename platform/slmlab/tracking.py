@@ -56,15 +56,27 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class MetricsLogger:
-    """Logs metric dicts to one MLflow run from wherever it runs (driver or Ray worker)."""
+    """Logs metrics to one MLflow run from wherever it runs (driver, Ray task or Ray Train worker);
+    the one place metric batches are built."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.client = MlflowClient(uri)
+    def __init__(self, uri: str, run_id: str, client: MlflowClient | None = None):
+        self.client = client or MlflowClient(uri)
         self.run_id = run_id
 
+    @classmethod
+    def for_client(cls, client: MlflowClient, run_id: str) -> "MetricsLogger":
+        return cls(client.tracking_uri, run_id, client)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.log_points([(k, v, step) for k, v in metrics.items()])
+
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        """{key: [(step, value), ...]}: e.g. a figure measured at several lengths."""
+        self.log_points([(k, v, step) for k, points in series.items() for step, v in points])
+
+    def log_points(self, points: list[tuple[str, float, int]]) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v, step in points]
         for i in range(0, len(batch), 900):  # the REST API caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=batch[i : i + 900], synchronous=True)
 
@@ -74,7 +86,10 @@ def register_model(client: MlflowClient, name: str, run_id: str, artifact_path: 
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.get_registered_model(name)  # created by a concurrent run meanwhile
     run = client.get_run(run_id)
     mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
     return str(mv.version)

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from slmlab.config import PipelineConfig
-from slmlab.data.shards import Shards
 from slmlab.train.loop import train_loop_per_worker
+
+if TYPE_CHECKING:
+    from slmlab.lifecycle import RunSpec
 
 
 def storage_path(cfg: PipelineConfig) -> str:
@@ -30,10 +33,11 @@ def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
     return ds.materialize() if always_materialize or size <= MATERIALIZE_BELOW_BYTES else ds
 
 
-def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, tracking_uri: str, mlflow_run_id: str,
-                  callbacks=None, init_from: Path | None = None) -> TorchTrainer:
+def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None) -> TorchTrainer:
+    """The Ray Train run of one :class:`slmlab.lifecycle.RunSpec` (its name must be set)."""
+    cfg = spec.cfg
     tc = cfg.train
-    datasets = {"train": _ingest(shards.train_dir), "val": _ingest(shards.val_dir, always_materialize=True)}
+    datasets = {"train": _ingest(spec.train_dir), "val": _ingest(spec.shards.val_dir, always_materialize=True)}
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # same blocks in the same order every epoch: resumes replay exactly
     # fault-injection knobs (tests of FailureConfig) travel to the workers; nothing else is forwarded
@@ -41,20 +45,21 @@ def build_trainer(cfg: PipelineConfig, shards: Shards, *, run_name: str, trackin
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
+    init = {"path": str(Path(spec.init_from).resolve()), "allow_missing": list(spec.allow_missing)} if spec.init_from else None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
-            "tokenizer_path": str(shards.tokenizer_path.resolve()),
+            "tokenizer_path": str(spec.shards.tokenizer_path.resolve()),
             "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id,
-            "init_from": str(Path(init_from).resolve()) if init_from else None,  # weights to start from (fine-tuning)
+            "mlflow_run_id": spec.mlflow_run_id,
+            "init_from": init,  # weights to start from (fine-tuning, a frozen trunk)
         },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=options),
         run_config=RunConfig(
-            name=run_name,
+            name=spec.run_name,
             storage_path=storage_path(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from slmlab.errors import SlmlabError
+
 CLIENT_STATE = "slmlab_state.json"
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(SlmlabError, RuntimeError):
     """The training loss became NaN or infinite; the run stops before the step is applied."""
 
 

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 from slmlab.generation import generate  # noqa: E402
 from slmlab.hf_interop import export_hf, import_hf  # noqa: E402
@@ -51,7 +57,7 @@ def test_exported_model_matches_transformers(case, tmp_path):
 
     ids = torch.randint(0, V, (2, 24))
     with torch.no_grad():
-        delta = (ours(ids).logits - hf(ids).logits).abs().max().item()
+        delta = (ours({"input_ids": ids}).logits - hf(ids).logits).abs().max().item()
     assert delta <= 1e-4, delta
 
     prompt = ids[:, :6]
@@ -67,7 +73,10 @@ def test_export_import_round_trip(case, tmp_path):
     cfg2, back = import_hf(tmp_path / "hf")
     assert cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.ffn_dim == cfg.ffn_dim
     assert (back.lm_head.weight is back.tok_emb.weight) == cfg.tie_embeddings
-    assert cfg2.moe is None if cfg.moe is None else (cfg2.moe.num_experts, cfg2.moe.top_k) == (cfg.moe.num_experts, cfg.moe.top_k)
+    if cfg.moe is None:
+        assert cfg2.moe is None
+    else:
+        assert (cfg2.moe.num_experts, cfg2.moe.top_k) == (cfg.moe.num_experts, cfg.moe.top_k)
     for k, v in ours.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     if cfg.moe is not None:
@@ -93,7 +102,7 @@ def test_import_checkpoints_written_by_transformers(tmp_path):
         cfg, ours = import_hf(tmp_path / name)
         assert (cfg.moe is not None) == (name == "mixtral") and not cfg.tie_embeddings
         with torch.no_grad():
-            delta = (ours.eval()(ids).logits - hf(ids).logits).abs().max().item()
+            delta = (ours.eval()({"input_ids": ids}).logits - hf(ids).logits).abs().max().item()
         assert delta <= 1e-4, (name, delta)
 
 
@@ -118,7 +127,7 @@ def test_export_is_atomic_and_replaces(tmp_path):
     first = (out / "model.safetensors").read_bytes()
     with torch.no_grad():
         ours.norm.weight.add_(1.0)
-    export_hf(ours, cfg, out)
+    export_hf(ours, cfg, out, force=True)
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or backup dirs left
 
@@ -130,7 +139,7 @@ def test_export_is_atomic_and_replaces(tmp_path):
 
     ours.state_dict = bad_state_dict
     with pytest.raises(Boom):
-        export_hf(ours, cfg, out)
+        export_hf(ours, cfg, out, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert (out / "config.json").exists()  # the previous export is untouched
 
@@ -153,3 +162,128 @@ def test_export_with_tokenizer_gives_fast_autotokenizer(tmp_path):
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 0 and hf_tok.pad_token_id == 1
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.eos_token_id == 0 and hf.generation_config.eos_token_id == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# An export never deletes what it did not write
+
+
+def test_export_refuses_a_folder_with_files_and_keeps_them(tmp_path):
+    from slmlab.errors import ExportError
+
+    cfg, ours = make("mha-tied")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ExportError, match="expected an empty or new folder, found 1 entries"):
+        export_hf(ours, cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp folder left beside it
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="found a file"):
+        export_hf(ours, cfg, tmp_path / "afile", force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(ours, cfg, empty)  # an empty folder is fine without --force
+    assert (empty / "model.safetensors").exists()
+
+
+def test_forced_export_replaces_only_its_own_files(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    cfg, ours = make("mha-tied")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "config.json").write_text("{}")  # a name the export writes: --force means replace it
+    tok = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a")).save(str(tok))
+    export_hf(ours, cfg, out, tokenizer_file=tok, force=True)
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "tokenizer.json").exists()
+    # a later export without a tokenizer drops the tokenizer files the first one wrote, nothing else
+    (out / ".slmlab-export.json").write_text(json.dumps({"files": json.loads(
+        (out / ".slmlab-export.json").read_text())["files"] + ["../outside.txt", "notes.txt/.."]}))
+    (tmp_path / "outside.txt").write_text("keep")
+    export_hf(ours, cfg, out, force=True)
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    assert (out / "notes.txt").read_text() == "my notes" and (tmp_path / "outside.txt").read_text() == "keep"
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == V
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "outside.txt", "tokenizer.json"]
+
+
+def test_forced_export_blocked_by_a_folder_writes_nothing(tmp_path):
+    from slmlab.errors import ExportError
+
+    cfg, ours = make("mha-tied")
+    out = tmp_path / "mine"
+    (out / "model.safetensors").mkdir(parents=True)  # a folder where the export writes a file
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ExportError, match="found folders"):
+        export_hf(ours, cfg, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat models: transformers stops where `slmlab generate` stops and renders the same prompt
+
+QUESTION, REPLY = "how are you today?", " fine, thanks for asking"
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny VectorSLM that has learnt one exchange, so its greedy reply ends with <|end|> early."""
+    from slmlab.data.tokenizer import ASSISTANT, END_TURN, USER, load_tokenizer, train_bpe
+    from slmlab.train.checkpoint import write_model
+
+    folder = tmp_path_factory.mktemp("chat") / "model"
+    tok_path = train_bpe([QUESTION, REPLY, "some other text about asking how things are"] * 5, vocab_size=300,
+                         min_frequency=1, out=folder / "tokenizer.json")
+    tk = load_tokenizer(tok_path)
+    ids = torch.tensor([tk.encode(f"{USER}{QUESTION}{END_TURN}{ASSISTANT}{REPLY}{END_TURN}").ids])
+    torch.manual_seed(0)
+    cfg = VectorSLMConfig(vocab_size=tk.get_vocab_size(), max_seq_len=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2)
+    model = VectorSLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        logits = model({"input_ids": ids[:, :-1]}).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+    write_model(model.eval(), cfg, folder)
+    return folder, cfg, model.eval(), tk
+
+
+def test_exported_chat_model_stops_at_end_of_turn_like_slmlab_generate(chat_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from slmlab.cli import app
+    from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, USER
+
+    folder, cfg, ours, tk = chat_model
+    export_hf(ours, cfg, tmp_path / "hf", tokenizer_file=folder / "tokenizer.json")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    end, eos = tk.token_to_id(END_TURN), tk.token_to_id(EOS)
+    assert hf.generation_config.eos_token_id == [eos, end]
+
+    # the same prompt: apply_chat_template == what `slmlab generate --chat` encodes
+    ours_prompt = tk.encode(f"{USER}{QUESTION}{END_TURN}{ASSISTANT}", add_special_tokens=False).ids
+    hf_prompt = hf_tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    assert list(hf_prompt) == ours_prompt
+
+    prompt = torch.tensor([ours_prompt])
+    mine = generate(ours, prompt, 30, temperature=0, stop_token_ids=[eos, end])
+    assert mine[0, -1].item() == end and mine.shape[1] < prompt.shape[1] + 30  # the premise: it stops early
+    theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False)
+    assert torch.equal(theirs, mine)  # same tokens, and transformers stops at <|end|> too
+
+    shown = CliRunner().invoke(app, ["generate", str(folder), "--prompt", QUESTION, "--chat", "-t", "0", "-n", "30"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.strip() == hf_tok.decode(theirs[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+    assert shown.stdout.strip() == REPLY.strip()

@@ -1,21 +1,86 @@
-"""``slmlab``: a small, stable command line. Every other setting lives in the pipeline YAML."""
+"""``slmlab``: a small, stable command line. Every other setting lives in the pipeline YAML.
+
+Errors the platform raises on purpose (config, data, registry, export: :mod:`slmlab.errors`) print
+as one red line and exit 2; ``slmlab --verbose ...`` shows their traceback instead. Anything else
+is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from slmlab.config import ConfigError
+from slmlab.errors import ExportError, RegistryError, user_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and compare small language-model architectures on Ray.")
+VERBOSE_ENV = "SLMLAB_VERBOSE"  # "1": tracebacks here, Ray Data progress bars and INFO logs elsewhere
 
 
-def _fail(message: str) -> None:
+def _verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def _fail(message: str) -> NoReturn:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside one handler: a deliberate error becomes its message and exit 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as err:
+            problem = user_error(err)
+            if problem is None or _verbose():
+                raise
+            _fail(str(problem))
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Train and compare small language-model architectures on Ray.")
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="full tracebacks, Ray Data progress and logs"),
+) -> None:
+    """Train and compare small language-model architectures on Ray."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by the pipeline (Ray Data progress, INFO logs) and by Ray workers
+
+
+def _model_dir(ref: str, run_dir: Path) -> Path:
+    """A model folder from a models:/, runs:/ reference or a path; never creates an MLflow store to
+    look something up in (a missing store means the model cannot be there)."""
+    from slmlab.tracking import USER_TRACKING_URI, resolve_model_dir
+
+    if ref.startswith(("models:/", "runs:/")) and not USER_TRACKING_URI and not (run_dir / "mlflow.db").exists():
+        raise RegistryError(f"{ref}: expected a registered model or run artefact in {run_dir.resolve() / 'mlflow.db'}, "
+                            "found no MLflow store there (wrong --run-dir?)")
+    try:
+        return resolve_model_dir(ref, run_dir)
+    except FileNotFoundError as err:
+        raise RegistryError(str(err)) from None
+
+
+def _load(ref: str, run_dir: Path):
+    from slmlab.train.checkpoint import load_model_dir
+
+    folder = _model_dir(ref, run_dir)
+    try:
+        cfg, net = load_model_dir(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise RegistryError(str(err)) from None
+    return folder, cfg, net
 
 
 @app.command()
@@ -27,10 +92,7 @@ def run(
     """Run a pipeline: data → training → evaluation → MLflow registry."""
     from slmlab.config import load_pipeline
 
-    try:
-        cfg = load_pipeline(pipeline, set_)
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = load_pipeline(pipeline, set_)
     from slmlab.pipeline import run_pipeline
 
     result = run_pipeline(cfg, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
@@ -43,10 +105,7 @@ def validate(pipeline: Path, set_: List[str] = typer.Option([], "--set")) -> Non
     """Check a pipeline YAML without running anything."""
     from slmlab.config import load_pipeline
 
-    try:
-        cfg = load_pipeline(pipeline, set_)
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = load_pipeline(pipeline, set_)
     typer.echo(f"{pipeline}: ok ({cfg.model.family}, {cfg.train.max_steps} steps)")
 
 
@@ -60,8 +119,8 @@ def ui(
     from slmlab.tracking import artifact_root, tracking_uri
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port),
-           "--backend-store-uri", tracking_uri(run_dir), "--default-artifact-root", artifact_root(run_dir), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", tracking_uri(run_dir), "--default-artifact-root", artifact_root(run_dir)]
     typer.echo(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
 
@@ -69,23 +128,21 @@ def ui(
 @app.command()
 def sweep(
     pipeline: Path = typer.Argument(..., help="pipeline YAML: the base every trial starts from"),
-    space: Optional[Path] = typer.Argument(None, help="search space YAML (see search_spaces/); not needed with --resume"),
+    space: Optional[Path] = typer.Argument(None, help="search space YAML (search_spaces/); not needed with --resume"),
     set_: List[str] = typer.Option([], "--set", help="override a base field: dotted.key=value"),
-    resume: bool = typer.Option(False, "--resume", help="finish this pipeline's last interrupted sweep (Tuner.restore)"),
+    resume: bool = typer.Option(False, "--resume", help="finish this pipeline's interrupted sweep (Tuner.restore)"),
 ) -> None:
     """Ray Tune sweep: each trial a Ray Train run, ASHA on validation bits per byte, all in MLflow."""
     from slmlab.config import load_pipeline
     from slmlab.sweep import SearchSpace, load_space, run_sweep
 
-    try:
-        cfg = load_pipeline(pipeline, set_)
-        if space is None and not resume:
-            _fail("SPACE: expected a search-space YAML (or --resume), found nothing")
-        spec = load_space(space) if space else SearchSpace(params={})
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = load_pipeline(pipeline, set_)
+    if space is None and not resume:
+        _fail("SPACE: expected a search-space YAML (or --resume), found nothing")
+    spec = load_space(space) if space else SearchSpace(params={})
     summary = run_sweep(cfg, spec, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
-    typer.echo(f"[slmlab] sweep {summary['sweep']}: {len(summary['trials'])} trials, {summary['stopped_early']} stopped early by ASHA, "
+    typer.echo(f"[slmlab] sweep {summary['sweep']}: {len(summary['trials'])} trials, "
+               f"{summary['stopped_early']} stopped early by ASHA, "
                f"{summary['errored']} errored; best: {summary['best']}")
 
 
@@ -106,17 +163,20 @@ def generate(
 
     from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, USER, load_tokenizer
     from slmlab.generation import generate as generate_tokens
-    from slmlab.tracking import resolve_model_dir
-    from slmlab.train.checkpoint import load_model_dir
 
-    try:
-        folder = resolve_model_dir(model, run_dir)
-        _, net = load_model_dir(folder)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+    folder, _, net = _load(model, run_dir)
+    if not net.capabilities.generation:
+        _fail(f"{model}: expected a model that can generate, found {type(net).__name__} (no generation capability)")
     tok = load_tokenizer(folder / "tokenizer.json")
     text = f"{USER}{prompt}{END_TURN}{ASSISTANT}" if chat else prompt
     ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+    limit, length = net.capabilities.max_positions, ids.shape[1]
+    if limit is not None and length >= limit:
+        _fail(f"--prompt: expected fewer than max_seq_len={limit} tokens{' with the chat template' if chat else ''}, "
+              f"found {length}")
+    if limit is not None and length + max_new_tokens > limit:
+        _fail(f"--max-new-tokens: expected at most {limit - length} (max_seq_len={limit} minus a "
+              f"{length}-token prompt), found {max_new_tokens}")
     stops = [i for i in (tok.token_to_id(EOS), tok.token_to_id(END_TURN)) if i is not None]
     emitted: list[int] = []
     shown = ""
@@ -140,7 +200,7 @@ def generate(
 @app.command()
 def report(
     experiment: str = typer.Argument(..., help="MLflow experiment (a pipeline's name)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: <run-dir>/reports/<experiment>.html)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (<run-dir>/reports/<experiment>.html)"),
     run_dir: Path = typer.Option(Path("runs"), "--run-dir"),
 ) -> None:
     """Write a self-contained HTML comparison of an experiment's runs (plots from MLflow data)."""
@@ -158,25 +218,22 @@ def export(
     model: str = typer.Argument(..., help="models:/name/version, models:/name@alias, or a checkpoint folder"),
     out: Path = typer.Argument(..., help="output folder (written atomically)"),
     format: str = typer.Option("hf", "--format", help="hf: transformers LlamaForCausalLM / MixtralForCausalLM"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty OUT, replacing only the export's files"),
     run_dir: Path = typer.Option(Path("runs"), "--run-dir"),
 ) -> None:
     """Export a model for other tools (Hugging Face transformers: no custom code needed)."""
-    from slmlab.tracking import resolve_model_dir
-    from slmlab.train.checkpoint import load_model_dir
+    from slmlab.hf_interop import check_export_target, export_hf
 
     if format != "hf":
         _fail(f"--format: expected hf, found {format!r}")
-    try:
-        folder = resolve_model_dir(model, run_dir)
-        cfg, net = load_model_dir(folder)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-    if cfg.family != "vectorslm":
-        _fail(f"{folder}: family: expected vectorslm (the Llama/Mixtral-compatible family), found {cfg.family!r}")
-    from slmlab.hf_interop import export_hf
-
-    path = export_hf(net, cfg, out, tokenizer_file=folder / "tokenizer.json")
-    typer.echo(f"wrote {path} ({'MixtralForCausalLM' if cfg.moe else 'LlamaForCausalLM'})")
+    check_export_target(out, force)  # before loading anything: the cheapest mistake to report
+    folder, cfg, net = _load(model, run_dir)
+    arch = net.capabilities.hf_export
+    if arch is None:
+        raise ExportError(f"{model}: expected a model with a transformers equivalent (vectorslm), "
+                          f"found family {cfg.family!r}")
+    path = export_hf(net, cfg, out, tokenizer_file=folder / "tokenizer.json", force=force)
+    typer.echo(f"wrote {path} ({arch})")
 
 
 if __name__ == "__main__":  # pragma: no cover

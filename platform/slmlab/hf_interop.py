@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from slmlab.errors import ExportError
 from slmlab.models.layers import MoEConfig
 from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig
+
+MANIFEST = ".slmlab-export.json"  # names of the files an export wrote: --force replaces exactly those
 
 # Special-token spellings recognised in a tokenizer.json when the caller does not name them.
 _SPECIAL_GUESSES = {
@@ -29,6 +32,8 @@ _SPECIAL_GUESSES = {
     "pad_token": ("<|pad|>", "<pad>", "[PAD]"),
     "unk_token": ("<|unk|>", "<unk>", "[UNK]"),
 }
+# End-of-turn spellings: a chat model's reply ends here, so generation stops here as well as at the eos.
+_END_OF_TURN_GUESSES = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +71,8 @@ def _hf_state_dict(model: VectorSLM, cfg: VectorSLMConfig) -> dict[str, torch.Te
     return {k: v.to("cpu", copy=True).contiguous() for k, v in out.items()}
 
 
-def _special_tokens(tokenizer_file: Path, special_tokens: dict[str, str] | None) -> dict[str, str]:
+def _special_tokens(tokenizer_file: Path, special_tokens: dict[str, str] | None) -> tuple[dict[str, str], set[str]]:
+    """(role -> token string, every token string the tokenizer has)."""
     tok = json.loads(tokenizer_file.read_text())
     present = {t["content"] for t in tok.get("added_tokens", [])}
     vocab = tok.get("model", {}).get("vocab", {})
@@ -74,15 +80,15 @@ def _special_tokens(tokenizer_file: Path, special_tokens: dict[str, str] | None)
     if special_tokens is not None:
         missing = {k: v for k, v in special_tokens.items() if v not in present}
         if missing:
-            raise ValueError(f"special tokens not in {tokenizer_file}: {missing}")
-        return dict(special_tokens)
+            raise ExportError(f"{tokenizer_file}: expected the special tokens {missing}, found no such tokens")
+        return dict(special_tokens), present
     found = {}
     for role, spellings in _SPECIAL_GUESSES.items():
         for s in spellings:
             if s in present:
                 found[role] = s
                 break
-    return found
+    return found, present
 
 
 def _hf_config(cfg: VectorSLMConfig, dtype: torch.dtype, token_ids: dict[str, int | None]):
@@ -112,32 +118,109 @@ def _hf_config(cfg: VectorSLMConfig, dtype: torch.dtype, token_ids: dict[str, in
     return hf
 
 
+def _chat_settings(tokenizer_file: Path, present: set[str], chat_template: str | None) -> tuple[str | None, str | None]:
+    """(chat template, end-of-turn token) for the exported tokenizer: the template given, else the one in
+    the tokenizer_config.json beside ``tokenizer_file``, else slmlab's own when the tokenizer has its role
+    tokens (the rendering ``slmlab generate --chat`` uses)."""
+    from slmlab.data.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_TURN, USER
+
+    end = next((t for t in _END_OF_TURN_GUESSES if t in present), None)
+    if chat_template is None:
+        beside = tokenizer_file.parent / "tokenizer_config.json"
+        if beside.exists():
+            chat_template = json.loads(beside.read_text()).get("chat_template")
+    if chat_template is None and {USER, ASSISTANT, END_TURN} <= present:
+        chat_template = CHAT_TEMPLATE
+    return chat_template, end
+
+
+def check_export_target(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Refuse a target that holds anything unless ``force``: an export never silently replaces a folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: expected a folder to export into, found a file")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ExportError(f"{out}: expected an empty or new folder, found {len(entries)} entries ({shown}); "
+                          "--force writes the export's files into it and leaves the others")
+
+
+def _previous_export(out: Path) -> set[str]:
+    """Files a previous export listed in its manifest: plain names only, so a crafted manifest cannot
+    point outside the folder."""
+    try:
+        names = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")}
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the export from ``tmp`` into ``out``. A new or empty ``out`` becomes ``tmp`` by one rename;
+    a non-empty one (``--force``) gets the export's files one by one, and loses only the files a
+    previous export wrote there and this one did not. Nothing else in it is touched."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        tmp.rename(out)
+        return
+    names = sorted(p.name for p in tmp.iterdir())
+    blocked = [n for n in names if (out / n).is_dir() and not (out / n).is_symlink()]
+    if blocked:
+        raise ExportError(f"{out}: expected files or nothing at {blocked}, found folders; nothing was written")
+    stale = _previous_export(out) - set(names)
+    for name in [n for n in names if n != MANIFEST] + [MANIFEST]:  # the manifest last: it vouches for the rest
+        os.replace(tmp / name, out / name)
+    for name in stale:
+        if (out / name).is_file():
+            (out / name).unlink()
+    tmp.rmdir()
+
+
 def export_hf(model: VectorSLM, cfg: VectorSLMConfig, out_dir: str | os.PathLike,
               tokenizer_file: str | os.PathLike | None = None, *,
-              special_tokens: dict[str, str] | None = None) -> Path:
+              special_tokens: dict[str, str] | None = None, chat_template: str | None = None,
+              force: bool = False) -> Path:
     """Write ``out_dir`` (config.json, generation_config.json, model.safetensors and, with
     ``tokenizer_file`` (a ``tokenizers`` tokenizer.json), tokenizer.json + tokenizer_config.json).
 
     ``special_tokens`` maps roles (bos_token, eos_token, pad_token, unk_token) to token strings; when
-    omitted, common spellings are looked up in the tokenizer. The directory is written to a temporary
-    sibling and renamed into place, so a crash never leaves a half-written export.
+    omitted, common spellings are looked up in the tokenizer. Generation stops at the eos and, when the
+    tokenizer has one, at the end-of-turn token (``<|end|>``), like ``slmlab generate``; the chat
+    template (``chat_template``, else the tokenizer's own, see :func:`_chat_settings`) goes into
+    tokenizer_config.json so ``apply_chat_template`` renders prompts as ``slmlab generate --chat`` does.
+
+    ``out_dir`` must be new or empty unless ``force`` (see :func:`check_export_target`). The export is
+    written to a temporary sibling first, so a crash never leaves a half-written folder.
     """
     out_dir = Path(out_dir)
+    check_export_target(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         token_ids: dict[str, int | None] = {}
+        stop_ids: list[int] = []
         if tokenizer_file is not None:
             from tokenizers import Tokenizer
 
             tokenizer_file = Path(tokenizer_file)
-            specials = _special_tokens(tokenizer_file, special_tokens)
+            specials, present = _special_tokens(tokenizer_file, special_tokens)
             tk = Tokenizer.from_file(str(tokenizer_file))
             token_ids = {role: tk.token_to_id(s) for role, s in specials.items()}
+            template, end_of_turn = _chat_settings(tokenizer_file, present, chat_template)
+            stop_ids = [i for i in (token_ids.get("eos_token"), tk.token_to_id(end_of_turn) if end_of_turn else None)
+                        if i is not None]
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
             tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                        "clean_up_tokenization_spaces": False, **specials}
+            if template is not None:
+                tok_cfg["chat_template"] = template
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
             (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
@@ -146,16 +229,14 @@ def export_hf(model: VectorSLM, cfg: VectorSLMConfig, out_dir: str | os.PathLike
         hf_cfg.save_pretrained(tmp)
         from transformers import GenerationConfig
 
-        GenerationConfig.from_model_config(hf_cfg).save_pretrained(tmp)
+        gen = GenerationConfig.from_model_config(hf_cfg)
+        if len(stop_ids) > 1:
+            gen.eos_token_id = stop_ids  # transformers stops at any of them
+        gen.save_pretrained(tmp)
         save_file(_hf_state_dict(model, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        files = sorted(p.name for p in tmp.iterdir()) + [MANIFEST]
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "slmlab export", "files": files}, indent=2) + "\n")
+        _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -173,7 +254,8 @@ def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     elif (hf_dir / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"no model.safetensors(.index.json) in {hf_dir} (pickled .bin checkpoints are not loaded)")
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {hf_dir} "
+                                "(pickled .bin checkpoints are not loaded)")
     sd: dict[str, torch.Tensor] = {}
     for shard in shards:
         sd.update(load_file(str(hf_dir / shard)))
@@ -240,7 +322,8 @@ def import_hf(hf_dir: str | os.PathLike, max_seq_len: int | None = None) -> tupl
             [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
         sd[ours + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
         if cfg.moe is None:
-            sd[ours + "ffn.w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            sd[ours + "ffn.w_gate_up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"),
+                                                           take(p + "mlp.up_proj.weight")])
             sd[ours + "ffn.w_down.weight"] = take(p + "mlp.down_proj.weight")
         elif p + "mlp.experts.gate_up_proj" in hf:  # transformers-5 fused in-memory layout
             sd[ours + "ffn.router.weight"] = take(p + "mlp.gate.weight")
@@ -251,7 +334,8 @@ def import_hf(hf_dir: str | os.PathLike, max_seq_len: int | None = None) -> tupl
             E = cfg.moe.num_experts
             sd[ours + "ffn.router.weight"] = take(moe + "gate.weight")
             sd[ours + "ffn.w_gate_up"] = torch.stack(
-                [torch.cat([take(moe + f"experts.{e}.w1.weight"), take(moe + f"experts.{e}.w3.weight")]) for e in range(E)])
+                [torch.cat([take(moe + f"experts.{e}.w1.weight"), take(moe + f"experts.{e}.w3.weight")])
+                 for e in range(E)])
             sd[ours + "ffn.w_down"] = torch.stack([take(moe + f"experts.{e}.w2.weight") for e in range(E)])
     leftover = [k for k in hf if "rotary_emb" not in k]
     if leftover:

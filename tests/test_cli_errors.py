@@ -1,0 +1,247 @@
+"""Bad inputs a user will try, through the real CLI: exit 2, one line naming the problem, no
+traceback, and nothing half-written (no run folder entries, no MLflow run, the user's files intact).
+
+Config, generate and export cases run in the fast tier (CliRunner); data cases run `slmlab run` in
+a subprocess as a user would (slow tier: each starts its own local Ray), under a memory watchdog so
+that a reader loading a whole 2 GB line cannot take the machine down.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from slmlab.cli import app
+from tests.conftest import tiny_pipeline_dict
+
+
+def invoke(*args: str):
+    # SLMLAB_VERBOSE restored afterwards whatever the command does with it
+    return CliRunner().invoke(app, list(args), env={"SLMLAB_VERBOSE": None})
+
+
+def assert_one_line_error(result, *expected: str) -> str:
+    """Exit 2, stderr exactly one line holding every ``expected`` fragment, no traceback anywhere."""
+    output = result.stdout + result.stderr
+    assert result.exit_code == 2, (result.exit_code, output, result.exception)
+    assert "Traceback" not in output and "──" not in output, output  # neither plain nor Rich tracebacks
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def write_pipeline(folder: Path, **overrides) -> Path:
+    raw = tiny_pipeline_dict(folder, **overrides)
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_nothing_written(run_dir: Path) -> None:
+    """A pipeline that failed on its data left no run behind: no MLflow run or experiment, no run
+    state, no model, no Ray Train storage, no (partial) shard cache."""
+    if (run_dir / "mlflow.db").exists():
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+        experiments = client.search_experiments()
+        assert [e.name for e in experiments] == ["Default"], [e.name for e in experiments]
+        assert client.search_runs([e.experiment_id for e in experiments]) == []
+    for sub in ("state", "models", "ray"):
+        assert not (run_dir / sub).exists(), sub
+    cache = run_dir / "cache" / "data"
+    assert not cache.exists() or list(cache.iterdir()) == [], list(cache.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+def test_yaml_with_a_tab_indent(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("name: tiny\nmodel:\n\tfamily: vectorslm\n")
+    line = assert_one_line_error(invoke("validate", str(path)), str(path), "line 3", "expected valid YAML")
+    assert "'\\t'" in line  # names the tab
+    assert_one_line_error(invoke("run", str(path)), str(path), "line 3")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_to_a_field_that_does_not_exist(tmp_path):
+    path = write_pipeline(tmp_path)
+    assert_one_line_error(invoke("validate", str(path), "--set", "train.no_such_field=3"),
+                          str(path), "train.no_such_field", "unknown key")
+    assert_one_line_error(invoke("run", str(path), "--set", "train.no_such_field=3"), "train.no_such_field")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_verbose_shows_the_traceback_instead(tmp_path):
+    from slmlab.config import ConfigError
+
+    path = tmp_path / "tabs.yaml"
+    path.write_text("model:\n\tfamily: vectorslm\n")
+    result = CliRunner().invoke(app, ["--verbose", "validate", str(path)], env={"SLMLAB_VERBOSE": None})
+    assert isinstance(result.exception, ConfigError) and result.exit_code == 1
+    assert os.environ.get("SLMLAB_VERBOSE") is None  # restored by the runner, set during the command
+    result = CliRunner().invoke(app, ["validate", str(path)], env={"SLMLAB_VERBOSE": "1"})
+    assert isinstance(result.exception, ConfigError)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate / export
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A real (untrained) VectorSLM folder: model.safetensors, model_config.json, tokenizer.json."""
+    import torch
+
+    from slmlab.data.tokenizer import train_bpe
+    from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig
+    from slmlab.train.checkpoint import write_model
+
+    folder = tmp_path_factory.mktemp("cli") / "model"
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=280, min_frequency=1,
+                    out=folder / "tokenizer.json")
+    from slmlab.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = VectorSLMConfig(vocab_size=load_tokenizer(tok).get_vocab_size(), max_seq_len=16, dim=32, n_layers=1,
+                          n_heads=2, n_kv_heads=2)
+    write_model(VectorSLM(cfg), cfg, folder)
+    return folder
+
+
+def test_generate_with_a_prompt_longer_than_max_seq_len(model_folder):
+    long_prompt = "the quick brown fox " * 20
+    assert_one_line_error(invoke("generate", str(model_folder), "--prompt", long_prompt),
+                          "--prompt", "max_seq_len=16")
+    assert_one_line_error(invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "64"),
+                          "--max-new-tokens", "max_seq_len=16")
+    ok = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "8", "-t", "0")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_generate_a_model_that_is_not_registered(tmp_path):
+    run_dir = tmp_path / "runs"
+    assert_one_line_error(invoke("generate", "models:/nope/1", "--prompt", "hi", "--run-dir", str(run_dir)),
+                          "models:/nope/1", "no MLflow store")
+    assert not run_dir.exists()  # looking a model up never creates a store
+    from slmlab.tracking import client_for
+
+    client_for(run_dir).search_experiments()  # now an (empty) store exists
+    assert_one_line_error(invoke("generate", "models:/nope/1", "--prompt", "hi", "--run-dir", str(run_dir)),
+                          "models:/nope/1", "expected a registered model")
+    assert_one_line_error(invoke("generate", str(tmp_path / "no_such_folder"), "--prompt", "hi"), "no_such_folder")
+
+
+def test_export_into_a_folder_that_already_holds_files(model_folder, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert_one_line_error(invoke("export", str(model_folder), str(out)), str(out), "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    ok = invoke("export", str(model_folder), str(out), "--force")
+    assert ok.exit_code == 0, ok.output
+    assert (out / "thesis.tex").read_text() == "years of work" and (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: `slmlab run` in a subprocess, exactly as a user runs it (its own local Ray, its own output)
+
+RSS_BUDGET = 4 * 2**30  # a local Ray at rest is ~1.5-2 GiB here; a 2 GiB line held in memory exceeds it
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_cli(*args: str, cwd: Path) -> tuple[int, str, str, int]:
+    """(exit code, stdout, stderr, peak RSS) of `slmlab ARGS` in a subprocess; its whole process tree
+    (driver, Ray, workers) is killed once it holds more than RSS_BUDGET."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("SLMLAB_VERBOSE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "slmlab.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+    peak = 0
+    try:
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            if peak > RSS_BUDGET:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err, peak
+
+
+def assert_run_fails_in_one_line(tmp_path: Path, pipeline: Path, *expected: str) -> None:
+    rc, out, err, peak = run_cli("run", str(pipeline), cwd=tmp_path)
+    assert peak <= RSS_BUDGET, f"killed at {peak / 2**30:.1f} GiB RSS: the input was read into memory"
+    assert rc == 2, (rc, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"{len(lines)} lines on stderr, e.g. {lines[:3]}"
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    extra = [line for line in out.splitlines() if not line.startswith("[slmlab] ")]
+    assert extra == [], extra  # stdout holds our progress lines only
+    assert_nothing_written(tmp_path / "runs")
+
+
+def _text_source(tmp_path: Path, name: str, content: bytes) -> Path:
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    return write_pipeline(tmp_path, data__sources=[{"kind": "text", "path": str(corpus)}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, content, expected", [
+    ("empty.txt", b"", ("data.sources[0]", "empty.txt", "expected usable documents", "empty file")),
+    ("blank.txt", b"  \n\t\n   \n\n", ("data.sources[0]", "blank.txt", "expected usable documents", "empty file")),
+    ("latin1.txt", "caf\u00e9 cr\u00e8me\nna\u00efve r\u00e9sum\u00e9\n".encode("latin-1"),
+     ("data.sources[0]", "latin1.txt", "expected usable documents", "not UTF-8", "0xe9")),
+], ids=["empty", "whitespace-only", "not-utf8"])
+def test_run_on_a_corpus_with_no_usable_text(tmp_path, name, content, expected):
+    assert_run_fails_in_one_line(tmp_path, _text_source(tmp_path, name, content), *expected)
+
+
+@pytest.mark.slow
+def test_run_on_a_missing_corpus(tmp_path):
+    path = write_pipeline(tmp_path, data__sources=[{"kind": "text", "path": str(tmp_path / "nope.txt")}])
+    assert_run_fails_in_one_line(tmp_path, path, "data.sources[0]", "nope.txt", "found no such path")
+
+
+@pytest.mark.slow
+def test_run_on_a_2gb_single_line_corpus(tmp_path):
+    """The answer must come without holding the 2 GiB line in memory (see run_cli's watchdog)."""
+    corpus = tmp_path / "huge.txt"
+    with open(corpus, "wb") as f:
+        f.write(b"one line without an end ")
+        f.truncate(2 * 2**30)  # sparse: 2 GiB long, nearly nothing on disk
+    path = write_pipeline(tmp_path, data__sources=[{"kind": "text", "path": str(corpus)}])
+    assert_run_fails_in_one_line(tmp_path, path, "data.sources[0]", "huge.txt")

@@ -3,3 +3,4 @@ from slmlab.models.base import FAMILIES, Family, FamilyConfig, ModelOutput, buil
 from slmlab.models import vectorslm  # noqa: F401  (registers "vectorslm")
 from slmlab.models import new_llm  # noqa: F401  (registers "new_llm")
 from slmlab.models import alemoe_vlm  # noqa: F401  (registers "alemoe_vlm")
+from slmlab.models import move  # noqa: F401  (registers "move")

@@ -242,3 +242,4 @@ class StageContext:
 
 from slmlab.stages import pretrain, compare, finetune, independent  # noqa: E402,F401,I001
 from slmlab.stages import modularforge  # noqa: E402,F401  (registers partition, trunk, experts, assemble, evaluate)
+from slmlab.stages import context_sweep, mqar  # noqa: E402,F401  (context lengths; associative-recall probe)

@@ -287,3 +287,17 @@ def test_exported_chat_model_stops_at_end_of_turn_like_slmlab_generate(chat_mode
     assert shown.exit_code == 0, shown.output
     assert shown.stdout.strip() == hf_tok.decode(theirs[0, prompt.shape[1]:], skip_special_tokens=True).strip()
     assert shown.stdout.strip() == REPLY.strip()
+
+
+def test_import_refuses_an_index_pointing_outside_the_folder(tmp_path):
+    cfg, ours = make("mha-tied")
+    export_hf(ours, cfg, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "elsewhere.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: "../elsewhere.safetensors" for n in names}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="expected shard file names inside"):
+        import_hf(tmp_path / "hf")

@@ -251,6 +251,9 @@ def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
+        if outside:  # a crafted index must not make us read files elsewhere
+            raise ValueError(f"{index}: expected shard file names inside {hf_dir}, found {outside[:3]}")
     elif (hf_dir / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:

@@ -121,13 +121,15 @@ def test_stage_cells_and_config_errors():
 
     from slmlab.stages.mqar import MQARStage, cells
 
+    transformer = {"family": "vectorslm", "dim": 32, "n_heads": 2, "n_kv_heads": 2}
     stage = MQARStage.model_validate({
         "kind": "mqar", "pairs": [4, 16], "context_dims": [16, 176],
         "models": [{"name": "new_llm", "model": {"family": "new_llm", "dim": 32, "context_dim": 176}},
-                   {"name": "transformer", "model": {"family": "vectorslm", "dim": 32, "n_heads": 2, "n_kv_heads": 2}}]})
-    labels = [c[0] for c in cells(stage)]
-    # the base width once, the extra width once, the transformer once: per pair count
-    assert labels == ["new_llm-p4", "new_llm-c16-p4", "transformer-p4", "new_llm-p16", "new_llm-c16-p16", "transformer-p16"]
-    assert {c[2].context_dim for c in cells(stage) if c[0].startswith("new_llm-c16")} == {16}
+                   {"name": "transformer", "model": transformer}]})
+    # per pair count: the model as configured, its extra width (176 is already the base), the transformer
+    assert [(c.label, c.base) for c in cells(stage)] == [
+        ("new_llm-p4", True), ("new_llm-c16-p4", False), ("transformer-p4", True),
+        ("new_llm-p16", True), ("new_llm-c16-p16", False), ("transformer-p16", True)]
+    assert {c.model.context_dim for c in cells(stage) if not c.base} == {16}
     with pytest.raises(ValidationError, match="num_pairs: expected 1..128"):
         MQARStage.model_validate({"kind": "mqar", "pairs": [256], "models": stage.model_dump()["models"]})

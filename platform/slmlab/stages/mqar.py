@@ -18,7 +18,7 @@ accuracy as ``mqar/accuracy``; ``slmlab report`` tabulates and plots them.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 from pydantic import Field, model_validator
 
@@ -60,17 +60,25 @@ class MQARStage(StageConfig):
         return self
 
 
-def cells(stage: MQARStage) -> list[tuple[str, str, object, int]]:
-    """(label, model name, model config, num_pairs) for every cell, base widths first."""
+class Cell(NamedTuple):
+    label: str  # unique in the stage: <model>-p<pairs>, or <model>-c<context_dim>-p<pairs> for extra widths
+    name: str  # the ProbeModel's name
+    model: Any  # its family config (context_dim changed for extra widths)
+    pairs: int
+    base: bool  # the model as configured (False: one of the extra context_dims)
+
+
+def cells(stage: MQARStage) -> list[Cell]:
+    """Every cell of the stage, per pair count: each model as configured, then its extra widths."""
     out = []
     for n in stage.pairs:
         for pm in stage.models:
-            out.append((f"{pm.name}-p{n}", pm.name, pm.model, n))
+            out.append(Cell(f"{pm.name}-p{n}", pm.name, pm.model, n, True))
             if pm.model.family == "new_llm":
                 for c in stage.context_dims:
                     if c != pm.model.context_dim:
                         model = pm.model.model_copy(update={"context_dim": c})
-                        out.append((f"{pm.name}-c{c}-p{n}", pm.name, model, n))
+                        out.append(Cell(f"{pm.name}-c{c}-p{n}", pm.name, model, n, False))
     return out
 
 
@@ -106,23 +114,24 @@ def run(stage: MQARStage, ctx: StageContext) -> StageResult:
     limit = stage.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // stage.threads))
     results: dict[str, dict] = {}
     todo = []
-    for label, model_name, model, n in cells(stage):
-        prior = ctx.state.run(name, label)
+    for cell in cells(stage):
+        prior = ctx.state.run(name, cell.label)
         if prior and prior.get("status") == "FINISHED":
-            results[label] = prior["metrics"]
+            results[cell.label] = prior["metrics"]
         else:
-            todo.append((label, model_name, model, n))
+            todo.append(cell)
     ctx.client.update_run(parent, status="RUNNING")
     ctx.progress(f"{name}: {len(todo)} probe cell(s) to train ({len(results)} done earlier), {limit} at a time")
     running, failed = {}, []
     while todo or running:
         while todo and len(running) < limit:
-            label, model_name, model, n = todo.pop(0)
+            label, model_name, model, n, base = todo.pop(0)
             task = tasks[n]
             model = model.model_copy(update={"vocab_size": task.vocab_size, "max_seq_len": task.seq_len})
             run = ctx.client.create_run(experiment_id, run_name=f"{ctx.state.data['invocation']}-{name}-{label}", tags={
                 "mlflow.parentRunId": parent, "slmlab.stage": name, "slmlab.role": "probe", "slmlab.probe": "mqar",
-                "slmlab.pipeline": cfg.name, "slmlab.family": model.family, "slmlab.variant": model_name})
+                "slmlab.pipeline": cfg.name, "slmlab.family": model.family, "slmlab.variant": model_name,
+                "slmlab.probe_cell": label, "slmlab.probe_base": str(base).lower()})
             run_id = run.info.run_id
             params = {"mqar.num_pairs": n, "mqar.key_vocab": task.key_vocab, "mqar.value_vocab": task.value_vocab,
                       "mqar.seq_len": task.seq_len, **{f"mqar.train.{k}": v for k, v in vars(train).items()},

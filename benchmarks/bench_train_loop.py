@@ -70,7 +70,7 @@ def main() -> None:
     cfg = cfg.model_copy(update={"finetune": None, "compare": []})  # the pretraining stage alone
     ensure_ray()
     shards = build_shards(cfg, progress=lambda m: None)
-    cfg.model.vocab_size = shards.summary["vocab_size"]
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": shards.summary["vocab_size"]})})
     threads = cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker))
 
     t0 = time.perf_counter()

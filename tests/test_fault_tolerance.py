@@ -1,5 +1,6 @@
 """A Ray Train worker killed mid-run is restarted by Ray (FailureConfig) from its last checkpoint
 and the run finishes at the right step, replaying exactly the data after that checkpoint."""
+
 from __future__ import annotations
 
 import mlflow
@@ -34,3 +35,29 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tmp_path, monkeyp
         first, replay = losses[step]
         assert replay == pytest.approx(first, rel=1e-5, abs=1e-6), step
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_nan_loss_stops_naming_the_step_keeps_the_checkpoint_and_resumes(ray_local, tmp_path, monkeypatch):
+    from slmlab.pipeline import run_pipeline
+    from slmlab.stages import StageFailed
+
+    marker = tmp_path / "nan-was-injected"
+    monkeypatch.setenv("SLMLAB_FAIL_NAN_AT_STEP", "6")  # checkpoints at 4 and 8
+    monkeypatch.setenv("SLMLAB_FAIL_MARKER", str(marker))
+    cfg = validate_pipeline(tiny_pipeline_dict(tmp_path))
+
+    with pytest.raises(StageFailed) as failed:
+        run_pipeline(cfg)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "NonFiniteLoss: step 6: train/loss is nan" in message and "last good checkpoint (step 4)" in message
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FAILED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5]
+
+    result = run_pipeline(cfg, resume="latest")  # the poison was one-off (the marker says it fired)
+    assert result.mlflow_run_id == run.info.run_id and result.metrics["step"] == 8 and result.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # resumed from the step-4 checkpoint
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

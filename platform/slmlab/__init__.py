@@ -7,4 +7,9 @@ import os as _os
 if not _os.environ.get("RAY_ADDRESS"):
     _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Ray Train V2 patches print() in its workers to go through its logger, which also writes to the
+# console: with Ray's own stdout forwarding every worker line reached the driver twice. Off, the
+# worker's prints go through Ray's log forwarding alone (Train propagates this to its workers).
+_os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
 __version__ = "0.1.0"

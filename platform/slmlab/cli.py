@@ -93,11 +93,14 @@ def run(
     from slmlab.config import load_pipeline
 
     cfg = load_pipeline(pipeline, set_)
-    from slmlab.pipeline import run_pipeline
+    from slmlab.pipeline import run_stages
 
-    result = run_pipeline(cfg, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
-    typer.echo(f"[slmlab] done: run {result.run_name} (MLflow {result.mlflow_run_id}) {shown}")
+    results = run_stages(cfg, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
+    for stage in results.values():  # one line per run: where it is and what it scored
+        for run in stage.runs.values():
+            bpb = run.metrics.get("val/bpb")
+            typer.echo(f"[slmlab] done: {stage.name}/{run.label} {run.status} {run.model_uri or run.run_name}"
+                       + (f" val/bpb {bpb:.4f}" if bpb is not None else ""))
 
 
 @app.command()
@@ -156,6 +159,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template (instruction-tuned models)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="an image the prompt asks about (vision-language "
+                                         "models; implies --chat)"),
     run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="where the MLflow store lives"),
 ) -> None:
     """Stream a continuation of PROMPT from a trained model (KV-cached)."""
@@ -168,6 +173,18 @@ def generate(
     if not net.capabilities.generation:
         _fail(f"{model}: expected a model that can generate, found {type(net).__name__} (no generation capability)")
     tok = load_tokenizer(folder / "tokenizer.json")
+    extra = None
+    if image is not None:  # encoded once into the prefill; its tokens sit in the KV cache like a prompt
+        if "pixel_values" not in net.capabilities.batch_fields:
+            _fail(f"--image: expected a vision-language model, found {type(net).__name__} (it reads no images)")
+        from slmlab.data.images import load_image
+
+        try:
+            pixels = load_image(str(image), net.cfg.image_size, net.cfg.channels)
+        except Exception as err:  # noqa: BLE001 - whatever the decoder says, one line naming the file
+            _fail(f"--image {image}: expected a readable image file, found {type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else 'no details'}")
+        extra, chat = {"pixel_values": torch.from_numpy(pixels)[None]}, True
     text = f"{USER}{prompt}{END_TURN}{ASSISTANT}" if chat else prompt
     ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
     limit, length = net.capabilities.max_positions, ids.shape[1]
@@ -193,7 +210,7 @@ def generate(
             shown = text_now
 
     generate_tokens(net, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    stop_token_ids=stops, generator=torch.Generator().manual_seed(seed), on_token=stream)
+                    stop_token_ids=stops, generator=torch.Generator().manual_seed(seed), on_token=stream, extra=extra)
     typer.echo(tok.decode(emitted)[len(shown):])
 
 

@@ -5,6 +5,7 @@ Train, evaluation, MLflow) receives these typed objects, never raw dicts, so a t
 impossible combination fails here — before Ray starts — with one line per problem naming the
 file, the field path, what was expected and what was found.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,9 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 on modern CPUs/GPUs; fp32 is the exact reference
     zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage; all run on CPU with gloo
     offload_optimizer: bool = False  # ZeRO-Offload optimizer states to CPU (needs zero_stage >= 1)
-    optimizer: Literal["adamw", "cpu_adam"] = "adamw"  # cpu_adam: DeepSpeed's vectorised CPU Adam (JIT-built once, ~70 s), the usual partner of offload
+    optimizer: Literal["adamw", "cpu_adam"] = (
+        "adamw"  # cpu_adam: DeepSpeed's vectorised CPU Adam (JIT-built once, ~70 s), the usual partner of offload
+    )
     eval_every: int = Field(50, ge=1)  # steps between validation passes
     eval_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per pass (None = whole split)
     checkpoint_every: int = Field(100, ge=1)  # steps between resumable checkpoints
@@ -80,7 +83,9 @@ class FinetuneConfig(Strict):
     reuses its tokenizer, and computes the loss on assistant answers only."""
 
     data: DataConfig  # instruction sources (format: chat); the pretrained tokenizer is reused, never retrained
-    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the pretraining `train` section (lr, max_steps, ...)
+    train: dict[str, Any] = Field(
+        default_factory=dict
+    )  # overrides of the pretraining `train` section (lr, max_steps, ...)
     register_as: str | None = None  # registered model name (default: <pipeline>-sft)
 
 
@@ -110,7 +115,9 @@ def _check_family(v: Any) -> Any:
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # experiment and registered-model name
     seed: int = 1234  # data split, shuffling, init and sampling all derive from it
-    run_dir: str = "runs"  # MLflow store, data cache and Ray storage (relative to the working directory; SLMLAB_RUN_DIR overrides)
+    run_dir: str = (
+        "runs"  # MLflow store, data cache and Ray storage (relative to the working directory; SLMLAB_RUN_DIR overrides)
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: _model_union()  # type: ignore[valid-type]
@@ -165,7 +172,6 @@ class PipelineConfig(Strict):
         return self.tracking.register_as or self.name
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -216,42 +222,69 @@ def _cross_checks(cfg: PipelineConfig, source: str) -> None:
     """Constraints that span sections (pydantic locates these at the root otherwise)."""
     problems = []
     if cfg.data.seq_len > cfg.model.max_seq_len:
-        problems.append(f"{source}: data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.data.seq_len}")
+        problems.append(
+            f"{source}: data.seq_len: expected at most "
+            f"model.max_seq_len={cfg.model.max_seq_len}, found {cfg.data.seq_len}"
+        )
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.max_steps:
-        problems.append(f"{source}: train.stop_at_step: expected at most train.max_steps={cfg.train.max_steps}, found {cfg.train.stop_at_step}")
+        problems.append(
+            f"{source}: train.stop_at_step: expected at most "
+            f"train.max_steps={cfg.train.max_steps}, found {cfg.train.stop_at_step}"
+        )
     for i, variant in enumerate(cfg.compare):
         if cfg.data.seq_len > variant.model.max_seq_len:
-            problems.append(f"{source}: compare.{i}.model.max_seq_len: expected at least data.seq_len={cfg.data.seq_len}, found {variant.model.max_seq_len}")
+            problems.append(
+                f"{source}: compare.{i}.model.max_seq_len: expected at least "
+                f"data.seq_len={cfg.data.seq_len}, found {variant.model.max_seq_len}"
+            )
     if len({v.name for v in cfg.compare} | {cfg.label}) != len(cfg.compare) + 1:
-        problems.append(f"{source}: compare: expected distinct names (and none equal to the main label {cfg.label!r}), found {[v.name for v in cfg.compare]}")
+        problems.append(
+            f"{source}: compare: expected distinct names (and none equal to the "
+            f"main label {cfg.label!r}), found {[v.name for v in cfg.compare]}"
+        )
     if cfg.finetune is not None:
         try:
             cfg.finetune_train()
         except ValidationError as err:
-            problems += [line.replace(f"{source}: ", f"{source}: finetune.train.", 1) for line in _format_errors(source, err).splitlines()]
+            problems += [
+                line.replace(f"{source}: ", f"{source}: finetune.train.", 1)
+                for line in _format_errors(source, err).splitlines()
+            ]
         if cfg.finetune.data.seq_len > cfg.model.max_seq_len:
-            problems.append(f"{source}: finetune.data.seq_len: expected at most model.max_seq_len={cfg.model.max_seq_len}, found {cfg.finetune.data.seq_len}")
+            problems.append(
+                f"{source}: finetune.data.seq_len: expected at most "
+                f"model.max_seq_len={cfg.model.max_seq_len}, found {cfg.finetune.data.seq_len}"
+            )
     names = [st.stage_name for st in cfg.stage_list()]
     if len(set(names)) != len(names):
         problems.append(f"{source}: stages: expected distinct stage names, found {names}")
     for i, st in enumerate(cfg.stages):
         for j, run in enumerate(getattr(st, "runs", None) or []):
             if getattr(run, "partition", None) is not None and cfg.data.partition is None:
-                problems.append(f"{source}: stages.{i}.runs.{j}.partition: expected data.partition to be set, found none")
+                problems.append(
+                    f"{source}: stages.{i}.runs.{j}.partition: expected data.partition to be set, found none"
+                )
             if getattr(run, "set", None):
                 try:
-                    validate_pipeline(apply_overrides({**cfg.model_dump(mode="json"), "stages": []}, run.set),
-                                      f"{source} (stages.{i}.runs.{j}.set)")
+                    validate_pipeline(
+                        apply_overrides({**cfg.model_dump(mode="json"), "stages": []}, run.set),
+                        f"{source} (stages.{i}.runs.{j}.set)",
+                    )
                 except ConfigError as err:
                     problems.append(str(err))
     tps = cfg.train.tokens_per_step
     if tps is not None:
         per_micro = cfg.data.seq_len * cfg.train.grad_accum_steps * cfg.train.num_workers
         if tps % per_micro:
-            problems.append(f"{source}: train.tokens_per_step: expected a multiple of data.seq_len x grad_accum_steps x "
-                            f"num_workers = {per_micro}, found {tps}")
+            problems.append(
+                f"{source}: train.tokens_per_step: expected a multiple of data.seq_len x grad_accum_steps x "
+                f"num_workers = {per_micro}, found {tps}"
+            )
     if cfg.train.offload_optimizer and cfg.train.zero_stage == 0:
-        problems.append(f"{source}: train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0")
+        problems.append(
+            f"{source}: train.offload_optimizer: expected zero_stage "
+            ">= 1 to offload optimizer states, found zero_stage=0"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
 

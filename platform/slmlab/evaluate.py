@@ -10,6 +10,7 @@ An evaluation pass sums named quantities over batches (and ranks): ``nats``, ``t
 for every family, plus the model's own ``ModelOutput.eval_sums`` (e.g. cosine sums per layer for a
 distilled student); :func:`eval_metrics` turns the sums into figures, asking the model for its own.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,16 @@ def to_model_batch(raw: Mapping, device: torch.device | str, fields: Iterable[st
     wanted = set(fields) | {"input_ids"}
     batch = {k: torch.as_tensor(v).to(device) for k, v in raw.items() if k in wanted and k != "labels"}
     if "target_mask" in raw:
-        batch["input_ids"], batch["labels"] = split_block(batch["input_ids"], torch.as_tensor(raw["target_mask"]).to(device))
+        batch["input_ids"], batch["labels"] = split_block(
+            batch["input_ids"], torch.as_tensor(raw["target_mask"]).to(device)
+        )
     return batch
 
 
 @torch.no_grad()
-def batch_sums(model: nn.Module, batch: Mapping[str, torch.Tensor], byte_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+def batch_sums(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], byte_lengths: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The quantities one batch adds to an evaluation pass (as tensors: no host sync per batch)."""
     out = model(batch)
     logits, labels = out.logits, batch["labels"]
@@ -53,8 +58,11 @@ def batch_sums(model: nn.Module, batch: Mapping[str, torch.Tensor], byte_lengths
         logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     valid = labels != IGNORE_INDEX
-    sums = {"nats": nats.double(), "targets": valid.sum().double(),
-            "bytes": byte_lengths[labels.clamp(min=0)][valid].sum().double()}
+    sums = {
+        "nats": nats.double(),
+        "targets": valid.sum().double(),
+        "bytes": byte_lengths[labels.clamp(min=0)][valid].sum().double(),
+    }
     sums.update({k: v.detach().double().sum() for k, v in out.eval_sums.items()})
     return sums
 
@@ -90,15 +98,25 @@ def eval_metrics(sums: Mapping[str, float], model: nn.Module | None = None, pref
     targets, and whatever the model's family computes from its own sums."""
     nats, targets, n_bytes = (float(sums.get(k, 0.0)) for k in LM_SUMS)
     loss = nats / max(1.0, targets)
-    figures = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": nats / math.log(2) / max(1.0, n_bytes),
-               "targets": targets}
+    figures = {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": nats / math.log(2) / max(1.0, n_bytes),
+        "targets": targets,
+    }
     if model is not None and hasattr(model, "eval_metrics"):
         figures.update(model.eval_metrics({k: v for k, v in sums.items() if k not in LM_SUMS}))
     return {f"{prefix}/{k}": v for k, v in figures.items()}
 
 
-def evaluate_batches(model: nn.Module, batches: Iterable[Mapping], byte_lengths: torch.Tensor, device,
-                     max_batches: int | None = None, prefix: str = "val") -> dict[str, float]:
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    byte_lengths: torch.Tensor,
+    device,
+    max_batches: int | None = None,
+    prefix: str = "val",
+) -> dict[str, float]:
     """One pass over raw shard batches on this process (all-reduced when distributed)."""
     fields = getattr(getattr(model, "capabilities", None), "batch_fields", ())
     was_training = model.training
@@ -126,14 +144,17 @@ def read_blocks(folder, batch_size: int):
 
     table = pq.read_table(str(folder))
     # tensor columns (Ray's ArrowTensorArray) come back as (rows, ...) arrays, chunk by chunk
-    columns = {name: np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False)) for c in table.column(name).chunks])
-               for name in table.column_names}
+    columns = {
+        name: np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False)) for c in table.column(name).chunks])
+        for name in table.column_names
+    }
     for start in range(0, table.num_rows, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in columns.items()}
+        yield {k: v[start : start + batch_size] for k, v in columns.items()}
 
 
-def evaluate_folder(model: nn.Module, val_dir, tokenizer_path, batch_size: int = 16,
-                    max_batches: int | None = None) -> dict[str, float]:
+def evaluate_folder(
+    model: nn.Module, val_dir, tokenizer_path, batch_size: int = 16, max_batches: int | None = None
+) -> dict[str, float]:
     """Validation metrics of ``model`` on a shard folder, in this process (no Ray): used after
     training, e.g. to compare a quantised model with the one it came from."""
     from slmlab.data.tokenizer import load_tokenizer, token_byte_lengths

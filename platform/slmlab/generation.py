@@ -8,6 +8,7 @@ logits_to_keep=1)`` computes only the last position's logits, and requests longe
 The prompt is run once (prefill), then one token per step through the cache. All sequences of a batch
 share one prompt length (no padding support): batch prompts of equal length or call once per prompt.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
@@ -33,8 +34,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(batch, vocab) logits -> (batch,) token ids. temperature 0 = greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -52,11 +58,18 @@ def state_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, stop_token_ids: Iterable[int] = (),
-             generator: torch.Generator | None = None,
-             on_token: Callable[[list[int]], None] | None = None,
-             extra: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens.
 
     Returns (batch, prompt_len + n) with the prompt first, n <= max_new_tokens. A sequence that emits a

@@ -7,6 +7,7 @@ returns a :class:`RunResult`. It runs wherever it is called: in the driver for a
 a Ray task when a stage trains several runs at once (``slmlab.parallel``), so nothing here may rely
 on the driver's process state. Data flows one way: the spec is read, never written.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,7 +93,7 @@ def _log_start(client, run_id: str, cfg: PipelineConfig, shards: Shards) -> None
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
     params.append(mlflow.entities.Param("data.cache_key", shards.key))
     for i in range(0, len(params), 90):
-        client.log_batch(run_id, params=params[i:i + 90])
+        client.log_batch(run_id, params=params[i : i + 90])
     MetricsLogger.for_client(client, run_id).log(summary_for_mlflow(shards), step=0)
     client.log_dict(run_id, shards.summary, "data/summary.json")
     client.log_artifact(run_id, str(shards.tokenizer_path), "model")
@@ -106,25 +107,41 @@ def train_run(spec: RunSpec, progress: Progress = print, callbacks=None) -> RunR
     spec = start_run(spec)
     cfg, client = spec.cfg, client_for(spec.cfg.run_dir)
     trainer = build_trainer(spec, tracking_uri=tracking_uri(cfg.run_dir), callbacks=callbacks)
-    progress(f"train: {spec.label}: Ray Train run {spec.run_name} ({cfg.train.num_workers} worker(s), "
-             f"DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})")
+    progress(
+        f"train: {spec.label}: Ray Train run {spec.run_name} ({cfg.train.num_workers} worker(s), "
+        f"DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})"
+    )
+    t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except BaseException:
         client.set_terminated(spec.mlflow_run_id, status="FAILED")
         raise
+    fit_s = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
     if metrics.get("step", 0) < cfg.train.max_steps:
         client.set_terminated(spec.mlflow_run_id, status="KILLED")  # stopped on purpose: `--resume` continues
-        progress(f"train: {spec.label} stopped at step {metrics.get('step')} of {cfg.train.max_steps}; "
-                 f"continue with --resume")
+        progress(
+            f"train: {spec.label} stopped at step {metrics.get('step')} of {cfg.train.max_steps}; "
+            f"continue with --resume"
+        )
         return RunResult(spec.label, spec.run_name, spec.mlflow_run_id, "STOPPED", metrics=metrics)
     try:
+        t0 = time.perf_counter()
         model_dir = finish_run(spec, result.checkpoint, progress)
+        # where a run's wall time goes: fit (Ray Train start-up + training), finish (weights, profile, samples)
+        MetricsLogger.for_client(client, spec.mlflow_run_id).log(
+            {"time/fit_s": fit_s, "time/finish_s": time.perf_counter() - t0}, step=0
+        )
         version = uri = None
         if spec.register_as:
-            version = register_model(client, spec.register_as, spec.mlflow_run_id, "model",
-                                     description=f"{cfg.model.family} ({spec.label}) from pipeline {cfg.name}")
+            version = register_model(
+                client,
+                spec.register_as,
+                spec.mlflow_run_id,
+                "model",
+                description=f"{cfg.model.family} ({spec.label}) from pipeline {cfg.name}",
+            )
             uri = f"models:/{spec.register_as}/{version}"
             client.set_tag(spec.mlflow_run_id, "slmlab.registered_version", f"{spec.register_as}/{version}")
             progress(f"mlflow: registered {uri}")
@@ -181,11 +198,17 @@ def _log_int8(logger: MetricsLogger, model, spec: RunSpec, progress: Progress) -
     batches = cfg.train.eval_batches
     before = evaluate_folder(model, shards.val_dir, shards.tokenizer_path, cfg.train.micro_batch_size, batches)
     after = evaluate_folder(qmodel, shards.val_dir, shards.tokenizer_path, cfg.train.micro_batch_size, batches)
-    figures = {"quant/fp32_bytes": model_size_bytes(model), "quant/int8_bytes": model_size_bytes(qmodel),
-               "quant/fp32_bpb": before["val/bpb"], "quant/int8_bpb": after["val/bpb"]}
+    figures = {
+        "quant/fp32_bytes": model_size_bytes(model),
+        "quant/int8_bytes": model_size_bytes(qmodel),
+        "quant/fp32_bpb": before["val/bpb"],
+        "quant/int8_bpb": after["val/bpb"],
+    }
     logger.log(figures, step=0)
-    progress(f"int8 ({spec.label}): {figures['quant/fp32_bytes'] / 2**20:.1f} → {figures['quant/int8_bytes'] / 2**20:.1f} "
-             f"MiB, val bpb {figures['quant/fp32_bpb']:.4f} → {figures['quant/int8_bpb']:.4f}")
+    progress(
+        f"int8 ({spec.label}): {figures['quant/fp32_bytes'] / 2**20:.1f} → {figures['quant/int8_bytes'] / 2**20:.1f} "
+        f"MiB, val bpb {figures['quant/fp32_bpb']:.4f} → {figures['quant/int8_bpb']:.4f}"
+    )
 
 
 def sample_texts(model, tokenizer_path: Path, cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -199,7 +222,14 @@ def sample_texts(model, tokenizer_path: Path, cfg: PipelineConfig) -> list[tuple
     out = []
     for prompt in cfg.eval.prompts:
         ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
-        new = generate(model, ids, max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                       top_k=cfg.eval.top_k, stop_token_ids=(tok.token_to_id(EOS),), generator=gen)
-        out.append((prompt, prompt + tok.decode(new[0, ids.shape[1]:].tolist())))
+        new = generate(
+            model,
+            ids,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k,
+            stop_token_ids=(tok.token_to_id(EOS),),
+            generator=gen,
+        )
+        out.append((prompt, prompt + tok.decode(new[0, ids.shape[1] :].tolist())))
     return out

@@ -23,6 +23,7 @@ capped by the stage's ``max_concurrent``: 2 runs of 1 CPU on this 2-core machine
 on a cluster. Waiting in the driver, rather than launching everything and letting Train wait for
 resources, keeps runs from half-starting and timing out while their peers hold the CPUs.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +50,13 @@ def _remote_train(spec: RunSpec) -> RunResult:
     return train_run(spec, progress=lambda m: print(f"[slmlab] {m}", flush=True))
 
 
-def train_concurrently(specs: list[RunSpec], max_concurrent: int | None = None, progress: Progress = print,
-                       prepare: Callable[[RunSpec], RunSpec] | None = None,
-                       on_done: Callable[[RunResult], None] | None = None) -> dict[str, RunResult]:
+def train_concurrently(
+    specs: list[RunSpec],
+    max_concurrent: int | None = None,
+    progress: Progress = print,
+    prepare: Callable[[RunSpec], RunSpec] | None = None,
+    on_done: Callable[[RunResult], None] | None = None,
+) -> dict[str, RunResult]:
     """Train every spec, at most ``capacity`` at a time; returns {label: RunResult}, failures
     included as status FAILED. ``prepare`` runs in the driver just before a run is launched (e.g.
     to create its MLflow run); ``on_done`` as each result arrives."""
@@ -62,8 +67,11 @@ def train_concurrently(specs: list[RunSpec], max_concurrent: int | None = None, 
         return {}
     here = ray.get_runtime_context().get_node_id()
     task = ray.remote(_remote_train).options(
-        num_cpus=0, max_retries=0, name="slmlab-run",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+        num_cpus=0,
+        max_retries=0,
+        name="slmlab-run",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    )
     limit = capacity(specs[0], max_concurrent)
     progress(f"runs: {len(specs)} independent run(s), {limit} at a time")
     waiting, running, results = list(specs), {}, {}
@@ -73,8 +81,9 @@ def train_concurrently(specs: list[RunSpec], max_concurrent: int | None = None, 
             try:
                 spec = prepare(spec) if prepare else spec
             except Exception as err:
-                results[spec.label] = RunResult(spec.label, spec.run_name or "", spec.mlflow_run_id or "", "FAILED",
-                                                error=one_line(err))
+                results[spec.label] = RunResult(
+                    spec.label, spec.run_name or "", spec.mlflow_run_id or "", "FAILED", error=one_line(err)
+                )
                 progress(f"runs: {spec.label} FAILED: {results[spec.label].error}")
                 continue
             running[task.remote(spec)] = spec
@@ -85,8 +94,7 @@ def train_concurrently(specs: list[RunSpec], max_concurrent: int | None = None, 
         try:
             result = ray.get(done[0])
         except Exception as err:  # the run's own failure: reported by label, the others go on
-            result = RunResult(spec.label, spec.run_name or "", spec.mlflow_run_id or "", "FAILED",
-                               error=one_line(err))
+            result = RunResult(spec.label, spec.run_name or "", spec.mlflow_run_id or "", "FAILED", error=one_line(err))
             progress(f"runs: {spec.label} FAILED: {result.error}")
         else:
             progress(f"runs: {spec.label} {result.status}" + (f" → {result.model_uri}" if result.model_uri else ""))

@@ -5,6 +5,7 @@ each reading the results of the stages before it. What each run did is recorded 
 invocation's state file (``slmlab.stages.PipelineState``), so ``--resume`` trains only what did
 not finish.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,8 +15,9 @@ from slmlab.lifecycle import RunResult
 from slmlab.stages import STAGES, PipelineState, StageContext, StageResult
 
 
-def run_pipeline(cfg: PipelineConfig, resume: str | None = None,
-                 progress: Callable[[str], None] = print) -> RunResult | None:
+def run_pipeline(
+    cfg: PipelineConfig, resume: str | None = None, progress: Callable[[str], None] = print
+) -> RunResult | None:
     """Run every stage; returns the last stage's first run (the fine-tuned model when fine-tuning
     ran, the pretrained one otherwise), or None when the last stage trained nothing."""
     results = run_stages(cfg, resume=resume, progress=progress)
@@ -25,8 +27,9 @@ def run_pipeline(cfg: PipelineConfig, resume: str | None = None,
     return None
 
 
-def run_stages(cfg: PipelineConfig, resume: str | None = None,
-               progress: Callable[[str], None] = print) -> dict[str, StageResult]:
+def run_stages(
+    cfg: PipelineConfig, resume: str | None = None, progress: Callable[[str], None] = print
+) -> dict[str, StageResult]:
     from slmlab.data.shards import build_shards
     from slmlab.runtime import ensure_ray
     from slmlab.tracking import client_for

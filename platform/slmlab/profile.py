@@ -7,6 +7,7 @@
   the lengths under its limit plus the limit itself, never an extrapolation.
 - ``infer/decode_tokens_per_s``: KV-cached (or state-carrying) greedy decoding speed, batch 1.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,9 @@ def measurable_lengths(model: nn.Module) -> list[int]:
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(model: nn.Module, vocab_size: int, max_seq_len: int, prompt_len: int = 32, new_tokens: int = 64) -> float:
+def decode_tokens_per_s(
+    model: nn.Module, vocab_size: int, max_seq_len: int, prompt_len: int = 32, new_tokens: int = 64
+) -> float:
     from slmlab.generation import generate
 
     prompt_len = min(prompt_len, max_seq_len // 4)

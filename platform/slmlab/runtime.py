@@ -1,4 +1,5 @@
 """Connect to Ray: join the cluster named by RAY_ADDRESS, or start a private local one on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -9,24 +10,52 @@ import ray
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
+def verbose() -> bool:
+    """``slmlab --verbose`` (SLMLAB_VERBOSE=1): Ray's own progress bars and INFO logs come back."""
+    return os.environ.get("SLMLAB_VERBOSE") == "1"
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars and INFO lines are for debugging Ray Data; a person
+    running a pipeline sees slmlab's own progress lines instead (unless --verbose)."""
+    import logging
+
+    from ray.data import DataContext
+
+    if verbose():
+        return
+    DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
+    quiet_ray_data()
     if ray.is_initialized():
         return
+    import logging
+
+    level = logging.INFO if verbose() else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
         # a cluster, or `ray job submit` (which sets RAY_ADDRESS for the driver). No runtime_env
         # here: a job's own runtime env must not be contradicted (Ray refuses to merge them), and
         # everything workers need travels in the train-loop config or is set by the worker itself.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=level)
         return
-    env = dict(WORKER_ENV)  # the MLflow store travels explicitly in each train-loop config
+    env = {
+        **WORKER_ENV,
+        "SLMLAB_VERBOSE": "1" if verbose() else "0",
+    }  # the MLflow store travels explicitly in each train-loop config
     # local mode: everything bound to loopback, dashboard included (see slmlab/__init__.py)
     from ray._private import ray_constants
 
     if ray_constants.ENABLE_RAY_CLUSTER:
         import warnings
 
-        warnings.warn("ray was imported before slmlab with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset: local Ray may "
-                      "advertise a non-loopback address; import slmlab first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0")
+        warnings.warn(
+            "ray was imported before slmlab with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset: local Ray may "
+            "advertise a non-loopback address; import slmlab first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+        )
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -34,5 +63,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
         configure_logging=True,
+        logging_level=level,
         log_to_driver=True,
     )

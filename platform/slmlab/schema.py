@@ -3,6 +3,7 @@
 Unknown keys are errors (a typo never silently falls back to a default) and assignments are
 validated too. Deliberately free of torch and Ray so that ``slmlab validate`` stays fast.
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -15,6 +15,7 @@ Search-space files (``search_spaces/*.yaml``)::
       model.moe.num_experts: {choice: [2, 4]}
       model.moe.load_balance_weight: {loguniform: [0.001, 0.1]}
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from slmlab.schema import StrictConfig
 from slmlab.config import ConfigError, PipelineConfig, apply_overrides, validate_pipeline
+from slmlab.schema import StrictConfig
 
 DISTRIBUTIONS = {"choice", "grid", "uniform", "loguniform", "randint"}
 
@@ -68,7 +69,9 @@ def load_space(path: str | Path) -> SearchSpace:
     except FileNotFoundError:
         raise ConfigError(f"{path}: <file>: expected a search-space YAML file, found no such file") from None
     except ValidationError as err:
-        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        lines = [
+            f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+        ]
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -85,21 +88,41 @@ def run_trial(config: dict, base: dict, parent_run_id: str, sweep_name: str) -> 
     cfg = validate_pipeline(apply_overrides(base, config), f"sweep {sweep_name} trial {trial_id}")
     shards = build_shards(cfg, progress=lambda m: None)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": shards.summary["vocab_size"]})})
-    spec = RunSpec(label=trial_id, cfg=cfg, shards=shards, run_name=f"{sweep_name}-{trial_id}", tags={
-        "mlflow.parentRunId": parent_run_id, "slmlab.sweep": sweep_name, "slmlab.trial_id": trial_id,
-        "slmlab.overrides": json.dumps(config, sort_keys=True, default=str)})
+    # a trial restarted by `--resume` (its driver died mid-run) continues its own MLflow run and
+    # Ray Train checkpoints: one MLflow child per trial, never two
+    earlier = _trial_runs(cfg, sweep_name, trial_id)
+    spec = RunSpec(
+        label=trial_id,
+        cfg=cfg,
+        shards=shards,
+        run_name=f"{sweep_name}-{trial_id}",
+        mlflow_run_id=earlier[0].info.run_id if earlier else None,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "slmlab.sweep": sweep_name,
+            "slmlab.trial_id": trial_id,
+            "slmlab.overrides": json.dumps(config, sort_keys=True, default=str),
+        },
+    )
     try:
         train_run(spec, progress=lambda m: None, callbacks=[TuneReportCallback()])
     except BaseException:
         # ASHA stops a trial by cancelling it; the lifecycle marked the run FAILED, which it was not
         from slmlab.tracking import client_for
 
-        client = client_for(cfg.run_dir)
-        runs = client.search_runs([client.get_experiment_by_name(cfg.experiment_name).experiment_id],
-                                  filter_string=f"tags.`slmlab.trial_id` = '{trial_id}'")
-        for r in runs:
-            client.set_terminated(r.info.run_id, status="KILLED")
+        for r in _trial_runs(cfg, sweep_name, trial_id):
+            client_for(cfg.run_dir).set_terminated(r.info.run_id, status="KILLED")
         raise
+
+
+def _trial_runs(cfg: PipelineConfig, sweep_name: str, trial_id: str) -> list:
+    from slmlab.tracking import client_for, ensure_experiment
+
+    client = client_for(cfg.run_dir)
+    experiment_id = ensure_experiment(client, cfg.experiment_name, cfg.run_dir)
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`slmlab.sweep` = '{sweep_name}' and tags.`slmlab.trial_id` = '{trial_id}'"
+    )
 
 
 DATA_FIELDS = ("data.", "tokenizer.", "seed")
@@ -119,8 +142,14 @@ def _prebuild_shards(base: dict, space: SearchSpace, progress) -> None:
     for path, spec in data_params.items():
         kind, values = next(iter(spec.items()))
         if kind not in ("choice", "grid"):
-            raise ConfigError(f"params.{path}: expected choice or grid for a data/tokenizer field (its shards are built before the sweep), found {kind}")
-    combos = [dict(zip(data_params, values)) for values in itertools.product(*(next(iter(s.values())) for s in data_params.values()))]
+            raise ConfigError(
+                f"params.{path}: expected choice or grid for a data/tokenizer "
+                f"field (its shards are built before the sweep), found {kind}"
+            )
+    combos = [
+        dict(zip(data_params, values))
+        for values in itertools.product(*(next(iter(s.values())) for s in data_params.values()))
+    ]
     for combo in combos or [{}]:
         try:
             cfg = validate_pipeline(apply_overrides(base, combo), f"sweep data {combo}")
@@ -152,7 +181,9 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
         progress(f"sweep: resuming {state['name']}")
     else:
         name = f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = client.create_run(experiment_id, run_name=name, tags={"slmlab.sweep": name, "slmlab.role": "sweep-parent"})
+        parent = client.create_run(
+            experiment_id, run_name=name, tags={"slmlab.sweep": name, "slmlab.role": "sweep-parent"}
+        )
         state = {"name": name, "parent_run_id": parent.info.run_id}
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state))
@@ -172,39 +203,76 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, resume: bool = False, pro
     else:
         # max_t one past the last step: a trial reaching max_t is stopped by ASHA, which would cut
         # off the trial's own finishing work (weights to MLflow); only rungs below it stop trials
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps + 1,
-                                  grace_period=space.grace_steps or cfg.train.eval_every, reduction_factor=space.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=cfg.train.max_steps + 1,
+            grace_period=space.grace_steps or cfg.train.eval_every,
+            reduction_factor=space.reduction_factor,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=space.tune_space(),
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
-                                        num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent_trials),
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                scheduler=scheduler,
+                num_samples=space.num_samples,
+                max_concurrent_trials=space.max_concurrent_trials,
+            ),
             run_config=tune.RunConfig(name=state["name"], storage_path=storage_path(cfg), verbose=1),
         )
     grid = tuner.fit()
 
     parent_id = state["parent_run_id"]
-    children = [r for r in client.search_runs([experiment_id], filter_string=f"tags.`slmlab.sweep` = '{state['name']}'")
-                if r.info.run_id != parent_id]
+    children = [
+        r
+        for r in client.search_runs([experiment_id], filter_string=f"tags.`slmlab.sweep` = '{state['name']}'")
+        if r.info.run_id != parent_id
+    ]
     trials = []
     for r in grid:
         steps = r.metrics.get("step") if r.metrics else None
-        trials.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None, "error": repr(r.error)[:300] if r.error else None,
-                       "last_step": steps, space.metric: (r.metrics or {}).get(space.metric), "config": r.config})
+        trials.append(
+            {
+                "trial_id": r.metrics.get("trial_id") if r.metrics else None,
+                "error": repr(r.error)[:300] if r.error else None,
+                "last_step": steps,
+                space.metric: (r.metrics or {}).get(space.metric),
+                "config": r.config,
+            }
+        )
     for c in children:
         if c.info.status == "RUNNING":  # ASHA stops a trial by killing its actor: nothing in it could say so
             client.set_terminated(c.info.run_id, status="KILLED")
     finished = [c for c in children if c.info.status == "FINISHED" and space.metric in c.data.metrics]
-    summary = {"sweep": state["name"], "trials": trials, "stopped_early": sum(1 for t in trials if not t["error"] and (t["last_step"] or 0) < cfg.train.max_steps),
-               "errored": sum(1 for t in trials if t["error"]), "best": None}
+    summary = {
+        "sweep": state["name"],
+        "trials": trials,
+        "stopped_early": sum(1 for t in trials if not t["error"] and (t["last_step"] or 0) < cfg.train.max_steps),
+        "errored": sum(1 for t in trials if t["error"]),
+        "best": None,
+    }
     if finished:
         best = (min if space.mode == "min" else max)(finished, key=lambda c: c.data.metrics[space.metric])
-        version = register_model(client, cfg.registered_model_name, best.info.run_id, "model", description=f"best trial of sweep {state['name']}")
+        version = register_model(
+            client,
+            cfg.registered_model_name,
+            best.info.run_id,
+            "model",
+            description=f"best trial of sweep {state['name']}",
+        )
         client.set_tag(parent_id, "slmlab.best_run_id", best.info.run_id)
         client.log_metric(parent_id, f"best/{space.metric}", best.data.metrics[space.metric])
-        summary["best"] = {"run_id": best.info.run_id, space.metric: best.data.metrics[space.metric], "model_version": version,
-                           "overrides": json.loads(best.data.tags.get("slmlab.overrides", "{}"))}
-        progress(f"sweep: best {space.metric}={best.data.metrics[space.metric]:.4f} → registered {cfg.registered_model_name} version {version}")
+        summary["best"] = {
+            "run_id": best.info.run_id,
+            space.metric: best.data.metrics[space.metric],
+            "model_version": version,
+            "overrides": json.loads(best.data.tags.get("slmlab.overrides", "{}")),
+        }
+        progress(
+            f"sweep: best {space.metric}={best.data.metrics[space.metric]:.4f} "
+            f"→ registered {cfg.registered_model_name} version {version}"
+        )
     client.log_dict(parent_id, summary, "sweep_summary.json")
     client.set_terminated(parent_id, status="FINISHED" if finished else "FAILED")
     return summary

@@ -3,6 +3,7 @@
 Default store: ``<run_dir>/mlflow.db`` (SQLite, so the model registry works) with artefacts in
 ``<run_dir>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides both (e.g. a cluster's server).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-
 
 # The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the
 # environment, so reading it later would make one pipeline's store leak into the next.
@@ -91,7 +91,9 @@ def register_model(client: MlflowClient, name: str, run_id: str, artifact_path: 
         except mlflow.exceptions.MlflowException:
             client.get_registered_model(name)  # created by a concurrent run meanwhile
     run = client.get_run(run_id)
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
+    mv = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description
+    )
     return str(mv.version)
 
 
@@ -103,21 +105,33 @@ def resolve_model_dir(ref: str, run_dir: str | Path = "runs") -> Path:
         client = client_for(run_dir)
         try:
             if ref.startswith("models:/"):
-                name, _, which = ref[len("models:/"):].partition("@")
+                name, _, which = ref[len("models:/") :].partition("@")
                 if which:
                     mv = client.get_model_version_by_alias(name, which)
                 else:
-                    name, _, version = ref[len("models:/"):].partition("/")
+                    name, _, version = ref[len("models:/") :].partition("/")
                     mv = client.get_model_version(name, version)
                 source = client.get_model_version_download_uri(mv.name, mv.version)
-                return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri(run_dir)))
-            run_id, _, path = ref[len("runs:/"):].partition("/")
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri(run_dir)))
+                return Path(
+                    mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri(run_dir))
+                )
+            run_id, _, path = ref[len("runs:/") :].partition("/")
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=path, tracking_uri=tracking_uri(run_dir)
+                )
+            )
         except mlflow.exceptions.MlflowException as err:
-            raise FileNotFoundError(f"{ref}: expected a registered model or run artefact in {tracking_uri(run_dir)}, found none ({err.message.splitlines()[0]})") from None
+            raise FileNotFoundError(
+                f"{ref}: expected a registered model or run artefact in "
+                f"{tracking_uri(run_dir)}, found none ({err.message.splitlines()[0]})"
+            ) from None
     path = Path(ref)
     if (path / "model").is_dir() and not (path / "model_config.json").exists():
         path = path / "model"
     if not (path / "model_config.json").exists():
-        raise FileNotFoundError(f"{ref}: expected an MLflow model URI or a folder with model_config.json and model.safetensors, found neither")
+        raise FileNotFoundError(
+            f"{ref}: expected an MLflow model URI or a folder with "
+            "model_config.json and model.safetensors, found neither"
+        )
     return path

@@ -18,6 +18,7 @@ touched. What a model may be asked, in full:
     Family-specific evaluation figures from the sums its forward put in ``ModelOutput.eval_sums``
     over a whole validation pass (summed across batches and ranks by the caller).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,7 +57,9 @@ class ModelOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
     loss: torch.Tensor | None = None  # total loss to backprop: LM cross-entropy + weighted aux losses
     lm_loss: torch.Tensor | None = None  # the cross-entropy alone, what perplexity/bpb are computed from
-    metrics: dict[str, float] = field(default_factory=dict)  # family-specific scalars logged each step (aux losses, load)
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # family-specific scalars logged each step (aux losses, load)
     eval_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over an eval pass → eval_metrics()
     hidden_states: list[torch.Tensor] | None = None  # per-layer outputs, when a caller asked for them
 
@@ -66,8 +69,9 @@ class LanguageModel(nn.Module):
 
     capabilities: Capabilities = Capabilities()
 
-    def forward(self, batch: Batch, *, cache: Any = None, start_pos: int = 0,
-                logits_to_keep: int = 0) -> ModelOutput:  # pragma: no cover - abstract
+    def forward(
+        self, batch: Batch, *, cache: Any = None, start_pos: int = 0, logits_to_keep: int = 0
+    ) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None):

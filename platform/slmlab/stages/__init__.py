@@ -9,6 +9,7 @@ hand them to the context, which owns the run lifecycle (``slmlab.lifecycle``), c
 Without a ``stages:`` list a pipeline runs ``pretrain``, then ``compare`` (when it has
 ``compare:`` variants), then ``finetune`` (when it has a ``finetune:`` section).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ class StageKind:
 STAGES: dict[str, StageKind] = {}
 
 
-def register_stage(kind: str, config_cls: type[StageConfig], run: Callable[[Any, "StageContext"], "StageResult"]) -> None:
+def register_stage(
+    kind: str, config_cls: type[StageConfig], run: Callable[[Any, "StageContext"], "StageResult"]
+) -> None:
     if kind in STAGES:
         raise ValueError(f"stage kind {kind!r} registered twice")
     STAGES[kind] = StageKind(kind, config_cls, run)
@@ -76,8 +79,8 @@ class PipelineState:
     """What one invocation of a pipeline has done, run by run: ``<run_dir>/state/<pipeline>/<id>.json``.
 
     ``--resume`` reloads it: finished runs are not trained again, runs that stopped or were
-    interrupted continue from their Ray checkpoints under the same run name and MLflow run, and
-    failed runs start afresh (their config may have been fixed meanwhile)."""
+    interrupted or failed continue under the same run name and MLflow run (Ray Train resumes from
+    their last checkpoint, if any), unless their model config changed, which starts them afresh."""
 
     def __init__(self, path: Path, data: dict):
         self.path, self.data = path, data
@@ -104,9 +107,12 @@ class PipelineState:
             return states[-1]
         for s in reversed(states):
             if s.data["invocation"] == which or any(
-                    r.get("run_name") == which for st in s.data["stages"].values() for r in st["runs"].values()):
+                r.get("run_name") == which for st in s.data["stages"].values() for r in st["runs"].values()
+            ):
                 return s
-        raise SlmlabError(f"--resume {which}: expected an earlier run of pipeline {cfg.name!r} under {folder}, found none")
+        raise SlmlabError(
+            f"--resume {which}: expected an earlier run of pipeline {cfg.name!r} under {folder}, found none"
+        )
 
     def stage(self, name: str) -> dict:
         return self.data["stages"].setdefault(name, {"runs": {}})
@@ -124,6 +130,13 @@ class PipelineState:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+def model_hash(spec: "RunSpec") -> str:
+    """What a run's checkpoints depend on: its model's architecture (a changed lr still resumes)."""
+    import hashlib
+
+    return hashlib.sha256(spec.cfg.model.model_dump_json().encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,15 +171,22 @@ class StageContext:
         if not prior:
             return None, spec
         if prior.get("status") == "FINISHED":
-            fields = {k: prior.get(k) for k in ("label", "run_name", "mlflow_run_id", "status", "model_version",
-                                                 "model_uri", "metrics")}
-            result = RunResult(**{**fields, "metrics": prior.get("metrics") or {}},
-                               model_dir=Path(prior["model_dir"]) if prior.get("model_dir") else None)
+            fields = {
+                k: prior.get(k)
+                for k in ("label", "run_name", "mlflow_run_id", "status", "model_version", "model_uri", "metrics")
+            }
+            result = RunResult(
+                **{**fields, "metrics": prior.get("metrics") or {}},
+                model_dir=Path(prior["model_dir"]) if prior.get("model_dir") else None,
+            )
             self.progress(f"resume: {stage}/{spec.label} finished earlier ({prior['run_name']}), not trained again")
             return result, spec
-        if prior.get("status") in ("RUNNING", "STOPPED"):  # continue its Ray checkpoints and MLflow run
+        if prior.get("model_hash") in (None, model_hash(spec)):
+            # stopped, interrupted or failed with the same architecture: continue under the same run
+            # name (Ray Train picks up its last checkpoint) and the same MLflow run
             return None, replace(spec, run_name=prior["run_name"], mlflow_run_id=prior["mlflow_run_id"])
-        return None, spec  # FAILED: a fresh attempt
+        self.progress(f"resume: {stage}/{spec.label} has a new model config: trained afresh")
+        return None, spec
 
     def _record(self, stage: str, result: "RunResult") -> None:
         self.state.record(stage, result.label, **asdict(result))
@@ -179,15 +199,22 @@ class StageContext:
         if done:
             return done
         spec = start_run(replace(spec, tags={"slmlab.stage": stage, **spec.tags}))
-        self.state.record(stage, spec.label, label=spec.label, run_name=spec.run_name,
-                          mlflow_run_id=spec.mlflow_run_id, status="RUNNING")
+        self.state.record(
+            stage,
+            spec.label,
+            label=spec.label,
+            run_name=spec.run_name,
+            mlflow_run_id=spec.mlflow_run_id,
+            status="RUNNING",
+            model_hash=model_hash(spec),
+        )
         try:
             result = train_run(spec, self.progress)
-        except BaseException as err:
+        except Exception as err:
             from slmlab.parallel import one_line
 
             self.state.record(stage, spec.label, status="FAILED", error=one_line(err))
-            raise
+            raise StageFailed(f"stage {stage}: run {spec.label} failed: {one_line(err)}") from err
         self._record(stage, result)
         return result
 
@@ -198,14 +225,18 @@ class StageContext:
         entry = self.state.stage(stage)
         if not entry.get("parent_run_id"):
             experiment_id = ensure_experiment(self.client, self.cfg.experiment_name, self.cfg.run_dir)
-            run = self.client.create_run(experiment_id, run_name=f"{self.state.data['invocation']}-{stage}",
-                                         tags={"slmlab.stage": stage, "slmlab.role": "stage-parent",
-                                               "slmlab.pipeline": self.cfg.name})
+            run = self.client.create_run(
+                experiment_id,
+                run_name=f"{self.state.data['invocation']}-{stage}",
+                tags={"slmlab.stage": stage, "slmlab.role": "stage-parent", "slmlab.pipeline": self.cfg.name},
+            )
             entry["parent_run_id"] = run.info.run_id
             self.state.save()
         return entry["parent_run_id"]
 
-    def train_many(self, stage: str, specs: list["RunSpec"], max_concurrent: int | None = None) -> dict[str, "RunResult"]:
+    def train_many(
+        self, stage: str, specs: list["RunSpec"], max_concurrent: int | None = None
+    ) -> dict[str, "RunResult"]:
         """Independent runs at once, each an MLflow child run of the stage's parent run. A failing run
         is reported by label while the others finish; then the stage fails naming it."""
         from slmlab.lifecycle import start_run
@@ -223,17 +254,30 @@ class StageContext:
 
         def prepare(spec: "RunSpec") -> "RunSpec":
             spec = start_run(spec)
-            self.state.record(stage, spec.label, label=spec.label, run_name=spec.run_name,
-                              mlflow_run_id=spec.mlflow_run_id, status="RUNNING")
+            self.state.record(
+                stage,
+                spec.label,
+                label=spec.label,
+                run_name=spec.run_name,
+                mlflow_run_id=spec.mlflow_run_id,
+                status="RUNNING",
+                model_hash=model_hash(spec),
+            )
             return spec
 
-        results.update(train_concurrently(todo, max_concurrent, self.progress, prepare=prepare,
-                                          on_done=lambda r: self._record(stage, r)))
+        results.update(
+            train_concurrently(
+                todo, max_concurrent, self.progress, prepare=prepare, on_done=lambda r: self._record(stage, r)
+            )
+        )
         failed = [r for r in results.values() if r.status == "FAILED"]
         self.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         if failed:
-            raise StageFailed(f"stage {stage}: " + "; ".join(f"run {r.label} failed ({r.error})" for r in failed)
-                              + f"; {len(results) - len(failed)} other run(s) finished. Fix it and continue with --resume")
+            raise StageFailed(
+                f"stage {stage}: "
+                + "; ".join(f"run {r.label} failed ({r.error})" for r in failed)
+                + f"; {len(results) - len(failed)} other run(s) finished. Fix it and continue with --resume"
+            )
         return results
 
 
@@ -243,3 +287,5 @@ class StageContext:
 from slmlab.stages import pretrain, compare, finetune, independent  # noqa: E402,F401,I001
 from slmlab.stages import modularforge  # noqa: E402,F401  (registers partition, trunk, experts, assemble, evaluate)
 from slmlab.stages import context_sweep, mqar  # noqa: E402,F401  (context lengths; associative-recall probe)
+from slmlab.stages import vlm  # noqa: E402,F401  (registers vlm_train, vlm_eval)
+from slmlab.stages import move  # noqa: E402,F401  (registers move_teacher, move_modules, move_assemble, move_distill)

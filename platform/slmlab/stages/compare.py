@@ -2,6 +2,7 @@
 
 One after another by default: the variants' tokens/s are part of the comparison and runs sharing
 the machine would distort them. ``max_concurrent`` > 1 trades that figure for wall time."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -24,8 +25,14 @@ def run(stage: CompareStage, ctx: StageContext) -> StageResult:
     specs = []
     for variant in cfg.compare:
         model = variant.model.model_copy(update={"vocab_size": cfg.model.vocab_size})
-        specs.append(ctx.spec(variant.name, cfg.model_copy(update={"model": model}),
-                              register_as=f"{cfg.registered_model_name}-{variant.name}", tags=tags))
+        specs.append(
+            ctx.spec(
+                variant.name,
+                cfg.model_copy(update={"model": model}),
+                register_as=f"{cfg.registered_model_name}-{variant.name}",
+                tags=tags,
+            )
+        )
     if stage.max_concurrent == 1:
         runs = {s.label: ctx.train(stage.stage_name, s) for s in specs}
     else:

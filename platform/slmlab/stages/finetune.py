@@ -3,6 +3,7 @@
 Chat data with the loss on assistant answers only, the pretrained tokenizer reused (never
 retrained), starting from the *registered* version (not a local leftover). Its own MLflow run,
 linked to the pretraining run (``mlflow.parentRunId``), registered as ``<pipeline>-sft``."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -17,8 +18,16 @@ class FinetuneStage(StageConfig):
 
 def finetune_config(cfg):
     """The pretraining pipeline with the fine-tuning data and train overrides swapped in."""
-    return cfg.model_copy(update={"name": f"{cfg.name}-sft", "data": cfg.finetune.data, "train": cfg.finetune_train(),
-                                  "compare": [], "finetune": None, "stages": []})
+    return cfg.model_copy(
+        update={
+            "name": f"{cfg.name}-sft",
+            "data": cfg.finetune.data,
+            "train": cfg.finetune_train(),
+            "compare": [],
+            "finetune": None,
+            "stages": [],
+        }
+    )
 
 
 def run(stage: FinetuneStage, ctx: StageContext) -> StageResult:
@@ -31,17 +40,28 @@ def run(stage: FinetuneStage, ctx: StageContext) -> StageResult:
     ft = finetune_config(cfg)
     shards = ctx.build_shards(ft, tokenizer_path=ctx.shards.tokenizer_path)
     if shards.summary["vocab_size"] != cfg.model.vocab_size:
-        raise StageFailed(f"finetune.data: expected the pretrained tokenizer's vocabulary ({cfg.model.vocab_size}), "
-                          f"found {shards.summary['vocab_size']}")
+        raise StageFailed(
+            f"finetune.data: expected the pretrained tokenizer's vocabulary ({cfg.model.vocab_size}), "
+            f"found {shards.summary['vocab_size']}"
+        )
     base_uri = base.outputs["model_uri"]
     base_run = next(iter(base.runs.values())).mlflow_run_id
     ctx.progress(f"finetune: from {base_uri} on {shards.summary['train']['tokens']:,} answer-masked tokens")
-    spec = ctx.spec(f"{cfg.label}-sft", ft, shards=shards, init_from=resolve_model_dir(base_uri, cfg.run_dir),
-                    register_as=cfg.finetune.register_as or f"{cfg.registered_model_name}-sft",
-                    tags={"slmlab.parent_run_id": base_run, "mlflow.parentRunId": base_run, "slmlab.base_model": base_uri})
+    spec = ctx.spec(
+        f"{cfg.label}-sft",
+        ft,
+        shards=shards,
+        init_from=resolve_model_dir(base_uri, cfg.run_dir),
+        register_as=cfg.finetune.register_as or f"{cfg.registered_model_name}-sft",
+        tags={"slmlab.parent_run_id": base_run, "mlflow.parentRunId": base_run, "slmlab.base_model": base_uri},
+    )
     result = ctx.train(stage.stage_name, spec)
-    return StageResult(stage.stage_name, runs={result.label: result}, stopped=result.status == "STOPPED",
-                       outputs={"model_uri": result.model_uri, "model_dir": result.model_dir})
+    return StageResult(
+        stage.stage_name,
+        runs={result.label: result},
+        stopped=result.status == "STOPPED",
+        outputs={"model_uri": result.model_uri, "model_dir": result.model_dir},
+    )
 
 
 register_stage("finetune", FinetuneStage, run)

@@ -6,6 +6,7 @@ registered as ``<pipeline>-<run name>``. How many train together is bounded by t
 free resources and ``max_concurrent`` (see ``slmlab.parallel``). A failing run is reported by
 name while the others finish; ``slmlab run ... --resume latest`` then trains only what did not
 finish."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -40,9 +41,15 @@ def run_config(cfg, run: IndependentRun):
 
 def run(stage: IndependentStage, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    specs = [ctx.spec(r.name, run_config(cfg, r), partition=r.partition,
-                      register_as=f"{cfg.registered_model_name}-{r.name}" if stage.register_models else None)
-             for r in stage.runs]
+    specs = [
+        ctx.spec(
+            r.name,
+            run_config(cfg, r),
+            partition=r.partition,
+            register_as=f"{cfg.registered_model_name}-{r.name}" if stage.register_models else None,
+        )
+        for r in stage.runs
+    ]
     return StageResult(stage.stage_name, runs=ctx.train_many(stage.stage_name, specs, stage.max_concurrent))
 
 

@@ -4,6 +4,7 @@ DeepSpeed's own checkpoint (``ds/``) is for resuming training; ``model.safetenso
 ``model_config.json`` is the portable artefact that MLflow registers and every other command
 (generate, export, evaluate) loads — safetensors only, never pickles.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,13 +100,18 @@ def load_weights(model: nn.Module, file: str | Path, allow_missing: Iterable[str
             else:
                 missing.append(names[0])
         shapes = {n: tuple(f.get_slice(n).get_shape()) for _, n in load}
-        wrong = [f"{n} {shapes[n]} (model {tuple(state[m].shape)})" for m, n in load if shapes[n] != tuple(state[m].shape)]
+        wrong = [
+            f"{n} {shapes[n]} (model {tuple(state[m].shape)})" for m, n in load if shapes[n] != tuple(state[m].shape)
+        ]
         if missing or unexpected or wrong:
-            problems = [f"missing {_names(missing)}" if missing else "",
-                        f"unexpected {_names(unexpected)}" if unexpected else "",
-                        f"wrong shape {_names(wrong)}" if wrong else ""]
-            raise WeightsMismatch(f"{file}: expected the tensors of {type(model).__name__}, found "
-                                  + "; ".join(p for p in problems if p))
+            problems = [
+                f"missing {_names(missing)}" if missing else "",
+                f"unexpected {_names(unexpected)}" if unexpected else "",
+                f"wrong shape {_names(wrong)}" if wrong else "",
+            ]
+            raise WeightsMismatch(
+                f"{file}: expected the tensors of {type(model).__name__}, found " + "; ".join(p for p in problems if p)
+            )
         with torch.no_grad():
             for model_name, file_name in load:
                 state[model_name].copy_(f.get_tensor(file_name))

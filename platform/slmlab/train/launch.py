@@ -1,4 +1,5 @@
 """Build and run the Ray Train ``TorchTrainer`` for one pipeline stage."""
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,11 @@ def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None) -> Torc
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
-    init = {"path": str(Path(spec.init_from).resolve()), "allow_missing": list(spec.allow_missing)} if spec.init_from else None
+    init = (
+        {"path": str(Path(spec.init_from).resolve()), "allow_missing": list(spec.allow_missing)}
+        if spec.init_from
+        else None
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

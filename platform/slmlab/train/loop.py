@@ -7,6 +7,7 @@ a DeepSpeed engine, turns each Ray Data batch into the dict the model declares i
 DeepSpeed's, chosen by config. Evaluation is the same generic pass for every family: loss,
 perplexity and bits per byte, plus the figures the family computes from its own eval sums.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,6 +55,7 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    t_enter = time.perf_counter()
     import ray.train
     from ray.train import Checkpoint
 
@@ -79,14 +81,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg.model)
     init = loop_config.get("init_from")
     if init and ray.train.get_checkpoint() is None:
-        left = load_weights(model, Path(init["path"]) / "model.safetensors", allow_missing=init.get("allow_missing", ()))
+        left = load_weights(
+            model, Path(init["path"]) / "model.safetensors", allow_missing=init.get("allow_missing", ())
+        )
         if rank == 0 and left:
-            print(f"[slmlab] warm start from {init['path']}: {len(left)} tensors left as initialised "
-                  f"({', '.join(left[:4])}{' ...' if len(left) > 4 else ''})", flush=True)
+            print(
+                f"[slmlab] warm start from {init['path']}: {len(left)} tensors left as initialised "
+                f"({', '.join(left[:4])}{' ...' if len(left) > 4 else ''})",
+                flush=True,
+            )
     trainable = _freeze(model, tc.trainable)
     optimizer, scheduler = build_optimizer(model, tc)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, world), dist_init_required=False
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(tc, world),
+        dist_init_required=False,
     )
     device = engine.device
     fields = model.capabilities.batch_fields
@@ -112,15 +123,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_checkpoint_step = step
 
     def evaluate() -> dict[str, float]:
-        return evaluate_batches(engine, val_shard.iter_torch_batches(batch_size=mb, drop_last=False), byte_lengths,
-                                device, max_batches=tc.eval_batches)
+        return evaluate_batches(
+            engine,
+            val_shard.iter_torch_batches(batch_size=mb, drop_last=False),
+            byte_lengths,
+            device,
+            max_batches=tc.eval_batches,
+        )
 
     def save_and_report(metrics: dict, final: bool) -> None:
         nonlocal last_checkpoint_step
         with tempfile.TemporaryDirectory(prefix="slmlab-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag="ds")
             if rank == 0:
-                Path(tmp, CLIENT_STATE).write_text(json.dumps({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}))
+                Path(tmp, CLIENT_STATE).write_text(
+                    json.dumps({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch})
+                )
             if final:
                 save_model_files(engine, cfg.model, Path(tmp), is_writer=rank == 0)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -129,8 +147,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         params = count_parameters(model)
         note = f" ({trainable:,} trainable)" if trainable != sum(p.numel() for p in model.parameters()) else ""
-        print(f"[slmlab] {cfg.model.family}: {params:,} parameters{note}, {tokens_per_step:,} tokens/step, "
-              f"world size {world}", flush=True)
+        print(
+            f"[slmlab] {cfg.model.family}: {params:,} parameters{note}, {tokens_per_step:,} tokens/step, "
+            f"world size {world}",
+            flush=True,
+        )
         logger.log({"model/parameters": params, "model/trainable_parameters": trainable}, step=step)
 
     last_val: dict[str, float] = {}  # carried in every report so Tune schedulers always see the metric
@@ -183,7 +204,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     raise NonFiniteLoss(
                         f"step {step + 1}: train/loss is {step_loss}; the step was not applied and the run stopped. "
                         f"The last good checkpoint (step {last_checkpoint_step}) is kept: lower train.lr or fix the "
-                        f"data, then continue with --resume")
+                        f"data, then continue with --resume"
+                    )
             engine.step()
             if not boundary:
                 continue
@@ -201,8 +223,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.log(metrics, step=step)
             if rank == 0 and (step % show_every == 0 or step == stop_at):
                 rate = (step - start_step) / max(now - t_start, 1e-9)
-                print(f"[slmlab] step {step}/{tc.max_steps} loss {step_loss:.4f} "
-                      f"{rate * tokens_per_step:,.0f} tok/s eta {_fmt_eta((stop_at - step) / max(rate, 1e-9))}", flush=True)
+                print(
+                    f"[slmlab] step {step}/{tc.max_steps} loss {step_loss:.4f} "
+                    f"{rate * tokens_per_step:,.0f} tok/s eta {_fmt_eta((stop_at - step) / max(rate, 1e-9))}",
+                    flush=True,
+                )
             final = step >= stop_at
             if final or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0:
                 if final or step % tc.eval_every == 0:
@@ -210,18 +235,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = {**last_val, "step": step, "epoch": epoch}
                 if (final or step % tc.eval_every == 0) and logger:
                     logger.log({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
-                    print(f"[slmlab] step {step}/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f} "
-                          f"val/loss {metrics['val/loss']:.4f}", flush=True)
+                    print(
+                        f"[slmlab] step {step}/{tc.max_steps} val/bpb {metrics['val/bpb']:.4f} "
+                        f"val/loss {metrics['val/loss']:.4f}",
+                        flush=True,
+                    )
                 if final or step % tc.checkpoint_every == 0:
                     save_and_report(metrics, final=final)
                 else:
                     ray.train.report(metrics)
             _maybe_inject_failure(step)
+            _maybe_slow_down()
             if final:
                 done = True
                 break
         else:
             epoch, micro_in_epoch = epoch + 1, 0
+    if logger:
+        # the worker's share of a run's fixed cost: imports, DeepSpeed engine, first evaluation
+        logger.log({"time/worker_setup_s": t_start - t_enter, "time/train_s": time.perf_counter() - t_start}, step=step)
 
 
 def _once(env_step: str, step: int) -> bool:
@@ -238,6 +270,14 @@ def _inject_nan(step: int) -> bool:
     return _once("SLMLAB_FAIL_NAN_AT_STEP", step)
 
 
+def _maybe_slow_down() -> None:
+    """Test knob: SLMLAB_FAIL_SLOW_STEP_S=x makes each step last at least x seconds longer, so that a
+    test can act (remove a node) while tiny runs are still training."""
+    delay = float(os.environ.get("SLMLAB_FAIL_SLOW_STEP_S", "0"))
+    if delay:
+        time.sleep(delay)
+
+
 def _maybe_inject_failure(step: int) -> None:
     """Fault-injection hook for the fault-tolerance tests: SLMLAB_FAIL_AT_STEP=N kills this worker
     process once, after step N (a marker file makes the restarted attempt survive).
@@ -247,7 +287,12 @@ def _maybe_inject_failure(step: int) -> None:
     moments before a crash can be lost and the retry starts from the one before. Real steps take
     longer than that; the tests' tiny steps do not."""
     at = os.environ.get("SLMLAB_FAIL_AT_STEP")
-    if at and int(at) == step and os.environ.get("SLMLAB_FAIL_MARKER") and not Path(os.environ["SLMLAB_FAIL_MARKER"]).exists():
+    if (
+        at
+        and int(at) == step
+        and os.environ.get("SLMLAB_FAIL_MARKER")
+        and not Path(os.environ["SLMLAB_FAIL_MARKER"]).exists()
+    ):
         time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
         if _once("SLMLAB_FAIL_AT_STEP", step):
             os._exit(1)

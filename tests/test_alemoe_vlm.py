@@ -156,3 +156,157 @@ def test_text_only_config_ignores_images(one_thread):
 def test_config_rejects_impossible_shapes(bad, field):
     with pytest.raises(ValueError, match=field):
         AleMoEVLMConfig(vocab_size=V, **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# image-text data
+
+
+def test_scenes_are_deterministic_and_answers_match_the_pixels():
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from slmlab.data.images import COLOURS, SCENE_SIZE, draw_scene, scene_questions, shape_records
+
+    a, b = shape_records(3, 4, 2), shape_records(3, 4, 2)
+    assert [r["image"] for r in a] == [r["image"] for r in b] and [r["qa"] for r in a] == [r["qa"] for r in b]
+    assert shape_records(4, 4, 2)[0]["image"] != a[0]["image"]
+    held_out = {r["image_id"] for r in a if r["split"] == "val"}
+    assert held_out and held_out.isdisjoint({r["image_id"] for r in a if r["split"] == "train"})
+    img, objects = draw_scene(random.Random(0))
+    qs = scene_questions(objects)
+    assert 30 <= sum(len(v) for v in qs.values()) <= 40 and len(qs["shape"]) == 6
+    # independent of the generator's bookkeeping: each colour's pixel centroid decides left/right and top/bottom
+    rgb = np.asarray(Image.open(io.BytesIO(shape_records(0, 1, 1)[0]["image"])).convert("RGB")).astype(int)
+    qa = {q: ans for q, ans, _ in shape_records(0, 1, 1)[0]["qa"]}
+    for name, colour in COLOURS.items():
+        ys, xs = np.nonzero((np.abs(rgb - np.array(colour)).sum(-1)) < 10)
+        assert len(xs) > 20, name
+        half = SCENE_SIZE / 2
+        assert qa[f"is the {name} object on the left or the right?"] == ("left" if xs.mean() < half else "right")
+        assert qa[f"is the {name} object at the top or the bottom?"] == ("top" if ys.mean() < half else "bottom")
+
+
+def test_digits_are_the_real_sklearn_images_held_out_by_image():
+    from sklearn.datasets import load_digits
+
+    from slmlab.data.images import digit_records, load_image
+
+    recs = digit_records(0)
+    assert len(recs) == 1797
+    val = [r for r in recs if r["split"] == "val"]
+    assert 300 < len(val) < 420
+    assert len({r["image_id"] for r in recs}) == 1797
+    d = load_digits()
+    i = int(val[0]["image_id"].split("/")[1])
+    assert val[0]["qa"][0][1] == str(d.target[i])
+    pix = load_image(val[0]["image"], 8, channels=1)  # back at native size: the sklearn pixels, rescaled
+    assert abs(((pix[0] + 1) * 127.5 * 16 / 255) - d.images[i]).max() < 0.1
+
+
+def test_llava_conversations_and_qa_records_normalise():
+    from slmlab.data.images import _turns_of
+
+    qa, caption, why = _turns_of({"conversations": [
+        {"from": "human", "value": "<image>\nwhat shape is it?"}, {"from": "gpt", "value": "circle"},
+        {"from": "human", "value": "which colour?"}, {"from": "gpt", "value": "red"}], "qtypes": ["shape", "colour"]})
+    assert why is None and caption is None
+    assert qa == [("what shape is it?", "circle", "shape"), ("which colour?", "red", "colour")]
+    assert _turns_of({"question": "q?", "answer": "a"})[0] == [("q?", "a", "qa")]
+    assert _turns_of({"caption": "a cat."})[1] == "a cat."
+    assert "expected" in _turns_of({"image": "x.png"})[2]
+    assert "expected" in _turns_of({"question": 3, "answer": "a"})[2]
+
+
+@pytest.fixture(scope="module")
+def vlm_tokenizer(tmp_path_factory):
+    from slmlab.data.images import digit_records, shape_records
+    from slmlab.data.tokenizer import train_bpe
+
+    recs = shape_records(0, 30, 5) + digit_records(0, max_images=50)
+    texts = [r["caption"] for r in recs] + [f"{q} {a}" for r in recs for q, a, _ in r["qa"]]
+    return train_bpe(texts, 300, 2, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def test_rows_put_the_loss_on_answers_only(vlm_tokenizer, tmp_path):
+    import numpy as np
+
+    from slmlab.data.images import EncodeAndWrite, ImageDataConfig
+    from slmlab.data.tokenizer import load_tokenizer
+
+    cfg = ImageDataConfig(sources=[{"kind": "shapes"}], seq_len=40, turns_per_row=8)
+    enc = EncodeAndWrite(str(tmp_path), str(vlm_tokenizer), cfg.model_dump())
+    enc.truncated = 0
+    turns = [("what shape is the red object?", "circle"), ("is the red object on the left or the right?", "left"),
+             ("what colour is the leftmost object?", "grey"),
+             ("how many objects have the shape of the red object?", "3")]
+    rows = list(enc._rows(turns))
+    assert len(rows) > 1 and sum(len(used) for _, _, used in rows) == 4  # whole turns only, none lost
+    tok = load_tokenizer(vlm_tokenizer)
+    answers = []
+    for ids, mask, used in rows:
+        assert ids.shape == mask.shape == (41,) and mask[0] == 0
+        answers.append(tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False))
+    assert answers == ["".join(f"{a}<|end|>" for _, a in used) for _, _, used in rows]
+    long = list(enc._rows([("why? " * 40, "because")]))
+    assert len(long) == 1 and enc.truncated == 1 and np.count_nonzero(long[0][1]) == 0  # cut before its answer
+
+
+def _bad_image_folder(root):
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    good = [f"good{i}.png" for i in range(6)]
+    for i, name in enumerate(good):
+        Image.fromarray(np.full((10, 10, 3), 20 * i, np.uint8)).save(root / name)
+    (root / "corrupt.png").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (root / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    meta = [{"file_name": n, "question": "what is the brightness?", "answer": str(i), "qtype": "bright",
+             "split": "val" if i == 0 else "train"} for i, n in enumerate(good)]
+    meta += [{"file_name": "corrupt.png", "caption": "broken."}, {"file_name": "truncated.png", "caption": "cut."},
+             {"file_name": "missing.png", "caption": "gone."}, {"file_name": "good1.png"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta) + "\n{not json\n")
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_build_reports_bad_images_by_name_and_goes_on(ray_local, vlm_tokenizer, tmp_path):
+    import numpy as np
+
+    from slmlab.data.images import ImageDataConfig, build_image_shards, read_eval
+    from slmlab.data.shards import summary_for_mlflow
+    from slmlab.evaluate import read_blocks
+
+    folder = _bad_image_folder(tmp_path / "imgs")
+    cfg = ImageDataConfig(sources=[{"kind": "folder", "path": str(folder)},
+                                   {"kind": "shapes", "n_train": 6, "n_val": 2}], image_size=16,
+                          seq_len=48, task="both")
+    lines: list[str] = []
+    shards = build_image_shards(cfg, tmp_path / "runs", vlm_tokenizer, seed=0, progress=lines.append)
+    s = shards.summary
+    bad = s["bad_records"]
+    assert bad["images"] == 3 and bad["records"] == 2  # corrupt, truncated, missing; no text, invalid JSON
+    text = " ".join(bad["examples"])
+    for name in ("corrupt.png", "truncated.png", "missing.png", "metadata.jsonl:11", "metadata.jsonl:12"):
+        assert name in text, name
+    assert any("corrupt.png" in ln for ln in lines)  # reported to the user, not only in the file
+    assert s["train"]["documents"] == 5 + 6 and s["val"]["documents"] == 1 + 2
+    rows = next(read_blocks(shards.train_dir, 10**6))
+    assert rows["pixel_values"].shape[1:] == (3, 16, 16) and rows["pixel_values"].dtype == np.float32
+    assert -1.0 <= rows["pixel_values"].min() and rows["pixel_values"].max() <= 1.0
+    assert rows["input_ids"].shape[1] == 49 and rows["target_mask"].sum() > 0
+    ev = read_eval(shards.root)
+    assert {"bright", "caption", "shape", "closest"} <= set(ev["qtype"])
+    assert all("good0" in i or "/val/" in i for i in ev["image_id"])  # held-out images only
+    assert summary_for_mlflow(shards)["data/bad_records"] == 5  # the generic run logging reads it
+    again = build_image_shards(cfg, tmp_path / "runs", vlm_tokenizer, seed=0, progress=lines.append)
+    assert again.root == shards.root and "reusing" in lines[-1]

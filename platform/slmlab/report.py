@@ -57,8 +57,41 @@ def collect(client, experiment: str) -> list[dict]:
             "train_tps": _median([v for _, v in _series(client, run.info.run_id, "train/tokens_per_s")]),
             "decode_tps": m.get("infer/decode_tokens_per_s"),
             "bpb_curve": bpb_curve, "state_mib": _series(client, run.info.run_id, "infer/state_mib"),
+            **_family_figures(client, run),
         })
     return rows
+
+
+def _family_figures(client, run) -> dict:
+    """What a family's own evaluation left on a run: ``eval/*`` metrics and PNG figures logged under the
+    run's ``report/`` artefact folder (e.g. accuracy per question type), embedded as they are."""
+    import mlflow
+
+    figures = []
+    try:
+        for f in client.list_artifacts(run.info.run_id, "report"):
+            if f.path.endswith(".png"):
+                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f.path,
+                                                            tracking_uri=client.tracking_uri)
+                png = base64.b64encode(Path(local).read_bytes()).decode()
+                figures.append((Path(f.path).stem.replace("_", " "), png))
+    except (OSError, mlflow.exceptions.MlflowException):
+        figures = []
+    evals = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/") and "/moe/" not in k}
+    return {"figures": figures, "eval": evals}
+
+
+def _family_section(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        if not r.get("figures") and not r.get("eval"):
+            continue
+        cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in sorted(r["eval"].items()))
+        imgs = "".join(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(t)}'>"
+                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b64 in r["figures"])
+        parts.append(f"<h2>{html.escape(r['label'])} <small>({html.escape(r['run'])})</small></h2>"
+                     + (f"<table>{cells}</table>" if cells else "") + imgs)
+    return "".join(parts)
 
 
 def _median(values: list[float]) -> float | None:
@@ -119,7 +152,7 @@ td:first-child,td:nth-child(2),td:nth-child(3){{text-align:left}}figure{{display
 <h1>Experiment <code>{html.escape(experiment)}</code></h1>
 <p>{len(rows)} finished runs. Bits per byte are measured on held-out text and are comparable across tokenizers;
 perplexity is per token at each run's vocabulary.</p>
-<table>{head}{body}</table>{plots}</body></html>"""
+<table>{head}{body}</table>{plots}{_family_section(rows)}</body></html>"""
 
 
 def write_report(experiment: str, out: Path, run_dir: str | Path = "runs") -> Path:

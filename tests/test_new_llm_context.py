@@ -124,3 +124,20 @@ def test_sweep_and_probe_end_to_end(ray_local, tiny_pipeline, tmp_path):
     for heading in ("<h2>Summary</h2>", "<h2>Context length</h2>", "<h2>Associative recall (MQAR)</h2>"):
         assert heading in page
     assert "Bits per byte vs context length" in page and "MQAR accuracy vs New-LLM context_dim" in page
+
+
+def test_context_search_space_holds_tokens_and_evaluated_text_constant():
+    import itertools
+
+    from slmlab.config import apply_overrides, validate_pipeline
+    from slmlab.sweep import load_space
+
+    space = load_space(REPO / "search_spaces/context.yaml")
+    base = load_pipeline(REPO / "pipelines/new_llm.yaml").model_dump(mode="json")
+    choices = {p: next(iter(spec.values())) for p, spec in space.params.items()}
+    seen = set()
+    for values in itertools.product(*choices.values()):
+        cfg = validate_pipeline(apply_overrides(base, dict(zip(choices, values))), "trial")
+        t = cfg.train
+        seen.add((t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * t.max_steps, t.eval_batches))
+    assert seen == {(4096 * 150, None)}

@@ -141,3 +141,48 @@ def test_context_search_space_holds_tokens_and_evaluated_text_constant():
         t = cfg.train
         seen.add((t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps * t.max_steps, t.eval_batches))
     assert seen == {(4096 * 150, None)}
+
+
+def test_report_sections_read_mlflow(tmp_path):
+    """The context, MQAR and seed sections and the summary, from runs as the stages log them."""
+    from slmlab.report import write_report
+    from slmlab.tracking import client_for, ensure_experiment
+
+    run_dir = tmp_path / "runs"
+    client = client_for(run_dir)
+    exp = ensure_experiment(client, "ctx", run_dir)
+
+    def finished(tags, metrics, params=None):
+        run = client.create_run(exp, tags=tags)
+        for k, v in metrics.items():
+            client.log_metric(run.info.run_id, k, v, step=4)
+        for k, v in (params or {}).items():
+            client.log_param(run.info.run_id, k, v)
+        client.set_terminated(run.info.run_id, status="FINISHED")
+
+    for model, family, bpb in (("new_llm", "new_llm", (2.5, 2.4)), ("transformer", "vectorslm", (2.6, 2.3))):
+        for seq_len, b in zip((128, 1024), bpb):
+            finished({"slmlab.context": str(seq_len), "slmlab.context_model": model, "slmlab.family": family,
+                      "slmlab.variant": f"{model}-ctx{seq_len}"},
+                     {"val/bpb": b, "val/ppl": 9.0, "train/tokens": 614400, "val/targets": 30000,
+                      "data/val_bytes": 111111, "train/tokens_per_s": 5000.0 / (1 + seq_len / 512),
+                      "model/parameters": 2.36e6},
+                     {"data.sources": "[{'kind': 'embedded'}]"})
+    for model, family, cd, pairs, acc in (("new_llm", "new_llm", 176, 4, 1.0), ("new_llm", "new_llm", 176, 64, 0.2),
+                                          ("transformer", "vectorslm", None, 4, 1.0),
+                                          ("transformer", "vectorslm", None, 64, 0.97)):
+        finished({"slmlab.probe": "mqar", "slmlab.variant": model, "slmlab.family": family,
+                  "slmlab.probe_cell": f"{model}-p{pairs}", "slmlab.probe_base": "true"},
+                 {"mqar/accuracy": acc, "mqar/chance": 1 / 128, "model/parameters": 1e5},
+                 {"mqar.num_pairs": pairs, "model.context_dim": cd})
+    finished({"slmlab.variant": "new_llm", "slmlab.family": "new_llm"},
+             {"val/bpb": 1.9, "val/ppl": 30.0, "train/tokens": 1.2e6, "data/val_bytes_per_token": 2.5,
+              "data/train_tokens": 4e5, "data/val_bytes": 1e5, "model/parameters": 2.735e6},
+             {"data.sources": "[{'kind': 'text', 'path': '../shared/data/wikitext-2/valid.txt'}]"})
+
+    page = write_report("ctx", tmp_path / "r.html", run_dir).read_text()
+    assert "<h2>Context length</h2>" in page and "<td>111,111</td>" in page
+    assert "<h2>Associative recall (MQAR)</h2>" in page and "<td>0.970</td>" in page
+    assert "new_llm minus transformer: -0.100 at 128, +0.100 at 1024 bits/byte." in page
+    assert "the transformer recalls 64 key-value pairs at &gt;= 90% and New-LLM only 4" in page
+    assert "seed New-LLM (reported)" in page and "23.34" in page and "would be 1.82 bits/byte" in page

@@ -98,8 +98,8 @@ def test_sweep_and_probe_end_to_end(ray_local, tiny_pipeline, tmp_path):
                                                     "ffn_hidden": 48, "max_seq_len": 64}}]
     raw["stages"] = [
         {"kind": "context_sweep", "seq_lens": [32, 64]},
-        {"kind": "mqar", "pairs": [2], "context_dims": [8], "key_vocab": 8, "value_vocab": 8, "steps": 5, "warmup": 1,
-         "batch_size": 4, "eval_sequences": 16,
+        {"kind": "mqar", "pairs": [1, 2], "context_dims": [8], "key_vocab": 8, "value_vocab": 8, "steps": 5,
+         "warmup": 1, "batch_size": 4, "eval_sequences": 16,
          "models": [{"name": "newllm", "model": {"family": "new_llm", "dim": 16, "context_dim": 16, "n_layers": 1,
                                                  "ffn_hidden": 32}},
                     {"name": "transformer", "model": {"family": "vectorslm", "dim": 16, "n_layers": 1, "n_heads": 2,
@@ -108,7 +108,8 @@ def test_sweep_and_probe_end_to_end(ray_local, tiny_pipeline, tmp_path):
     cfg = validate_pipeline(raw, "test")
     results = run_stages(cfg, progress=lambda m: None)
     assert set(results["context_sweep"].runs) == {"vectorslm-ctx32", "newllm-ctx32", "vectorslm-ctx64", "newllm-ctx64"}
-    assert set(results["mqar"].outputs["accuracy"]) == {"newllm-p2", "newllm-c8-p2", "transformer-p2"}
+    assert set(results["mqar"].outputs["accuracy"]) == {(c, n) for c in ("newllm", "newllm-c8", "transformer")
+                                                        for n in (1, 2)}
 
     client = client_for(cfg.run_dir)
     rows = collect_context(client, "ctx")
@@ -116,8 +117,9 @@ def test_sweep_and_probe_end_to_end(ray_local, tiny_pipeline, tmp_path):
     assert len({r["tokens"] for r in rows}) == 1  # equal training tokens in every cell
     assert len({(r["val_targets"], r["val_bytes"]) for r in rows}) == 1  # scored on the same held-out text
     probes = collect_mqar(client, "ctx")
-    assert {(r["model"], r["context_dim"], r["base"]) for r in probes} == {
-        ("newllm", 16, True), ("newllm", 8, False), ("transformer", None, True)}
+    assert {(r["model"], r["context_dim"], r["base"], r["pairs"]) for r in probes} == {
+        (m, cd, base, n) for m, cd, base in (("newllm", 16, True), ("newllm", 8, False), ("transformer", None, True))
+        for n in (1, 2)}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in probes)
 
     page = write_report("ctx", tmp_path / "report.html", cfg.run_dir).read_text()
@@ -168,13 +170,12 @@ def test_report_sections_read_mlflow(tmp_path):
                       "data/val_bytes": 111111, "train/tokens_per_s": 5000.0 / (1 + seq_len / 512),
                       "model/parameters": 2.36e6},
                      {"data.sources": "[{'kind': 'embedded'}]"})
-    for model, family, cd, pairs, acc in (("new_llm", "new_llm", 176, 4, 1.0), ("new_llm", "new_llm", 176, 64, 0.2),
-                                          ("transformer", "vectorslm", None, 4, 1.0),
-                                          ("transformer", "vectorslm", None, 64, 0.97)):
+    for model, family, cd, acc4, acc64 in (("new_llm", "new_llm", 176, 1.0, 0.2),
+                                           ("transformer", "vectorslm", None, 1.0, 0.97)):
         finished({"slmlab.probe": "mqar", "slmlab.variant": model, "slmlab.family": family,
-                  "slmlab.probe_cell": f"{model}-p{pairs}", "slmlab.probe_base": "true"},
-                 {"mqar/accuracy": acc, "mqar/chance": 1 / 128, "model/parameters": 1e5},
-                 {"mqar.num_pairs": pairs, "model.context_dim": cd})
+                  "slmlab.probe_cell": model, "slmlab.probe_base": "true"},
+                 {"mqar/p4/accuracy": acc4, "mqar/p64/accuracy": acc64, "mqar/chance": 1 / 128,
+                  "model/parameters": 1e5}, {"mqar.pairs": "4,64", "model.context_dim": cd})
     finished({"slmlab.variant": "new_llm", "slmlab.family": "new_llm"},
              {"val/bpb": 1.9, "val/ppl": 30.0, "train/tokens": 1.2e6, "data/val_bytes_per_token": 2.5,
               "data/train_tokens": 4e5, "data/val_bytes": 1e5, "model/parameters": 2.735e6},

@@ -201,18 +201,21 @@ def collect_context(client, experiment: str) -> list[dict]:
 
 
 def collect_mqar(client, experiment: str) -> list[dict]:
-    """One row per MQAR cell (model, context_dim, pairs); a later invocation replaces an earlier one."""
-    cells: dict[str, dict] = {}
+    """One row per MQAR cell and pair count (a later invocation replaces an earlier one)."""
+    cells: dict[tuple[str, int], dict] = {}
     for run in _finished(client, experiment, "tags.`slmlab.probe` = 'mqar'"):
         m, tags, params = run.data.metrics, run.data.tags, run.data.params
-        if "mqar/accuracy" not in m:
-            continue
         cd = params.get("model.context_dim")
-        cells[tags.get("slmlab.probe_cell", run.info.run_name)] = {
-            "model": tags.get("slmlab.variant", "?"), "family": tags.get("slmlab.family", "?"),
-            "base": tags.get("slmlab.probe_base", "true") == "true", "pairs": int(params["mqar.num_pairs"]),
-            "context_dim": int(cd) if cd not in (None, "None") else None, "accuracy": m["mqar/accuracy"],
-            "chance": m.get("mqar/chance"), "params": m.get("model/parameters")}
+        for key, acc in m.items():
+            parts = key.split("/")
+            if len(parts) != 3 or parts[0] != "mqar" or parts[2] != "accuracy" or not parts[1][1:].isdigit():
+                continue
+            pairs = int(parts[1][1:])
+            cells[(tags.get("slmlab.probe_cell", run.info.run_name), pairs)] = {
+                "model": tags.get("slmlab.variant", "?"), "family": tags.get("slmlab.family", "?"),
+                "base": tags.get("slmlab.probe_base", "true") == "true", "pairs": pairs,
+                "context_dim": int(cd) if cd not in (None, "None") else None, "accuracy": acc,
+                "chance": m.get("mqar/chance"), "params": m.get("model/parameters")}
     return sorted(cells.values(), key=lambda r: (r["model"], r["context_dim"] or 0, r["pairs"]))
 
 

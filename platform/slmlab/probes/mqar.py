@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -109,14 +110,15 @@ def accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size:
 
 @dataclass(frozen=True)
 class ProbeTrain:
-    """How one probe cell trains: plain AdamW on fresh sequences every step (an unbounded supply)."""
+    """How one probe model trains: plain AdamW on fresh sequences every step (an unbounded supply)."""
 
-    steps: int = 600  # optimizer steps
+    steps: int = 2000  # optimizer steps, cycling through the pair counts
     batch_size: int = 32  # sequences per step
     lr: float = 3e-3  # peak learning rate (linear warmup, cosine to 10%)
-    warmup: int = 50  # warmup steps
+    warmup: int = 100  # warmup steps
     weight_decay: float = 0.1  # matrices only
-    eval_sequences: int = 512  # held-out sequences (EVAL_STREAM) the accuracy is measured on
+    eval_sequences: int = 1000  # held-out sequences (EVAL_STREAM) per pair count
+    eval_every: int = 0  # also measure accuracy every this many steps (0 = at the end only)
     seed: int = 1234  # data and initialisation
 
 
@@ -127,33 +129,48 @@ def _lr_at(step: int, cfg: ProbeTrain) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_cell(model_cfg: FamilyConfig, task: MQARTask, cfg: ProbeTrain, log=None) -> dict[str, float]:
-    """Train ``model_cfg`` (its vocab_size and max_seq_len set to the task's) from scratch on ``task``
-    in this process and return its figures: accuracy on held-out sequences, final training loss,
-    parameters, wall seconds and training tokens/s. ``log(step, metrics)`` sees progress."""
+def _accuracies(model, tasks, cfg: ProbeTrain) -> dict[str, float]:
+    return {f"mqar/p{t.num_pairs}/accuracy": accuracy(model, generate(t, cfg.eval_sequences, cfg.seed, EVAL_STREAM))
+            for t in tasks}
+
+
+def train_cell(model_cfg: FamilyConfig, tasks: Sequence[MQARTask], cfg: ProbeTrain, log=None) -> dict[str, float]:
+    """Train ``model_cfg`` from scratch on every task in turn (step i draws from tasks[i % len]; as
+    Zoology, one model learns a mixture of pair counts, and the short sequences teach the lookup
+    fastest) in this process; its vocab_size and max_seq_len are set from the tasks. Returns the
+    accuracy on held-out sequences per pair count (``mqar/p<N>/accuracy``), the final training
+    loss, parameters, wall seconds and training tokens/s. ``log(step, metrics)`` sees progress."""
     from slmlab.train.optim import param_groups
 
-    update = {"vocab_size": task.vocab_size, "max_seq_len": max(model_cfg.max_seq_len, task.seq_len)}
+    if len({(t.key_vocab, t.value_vocab) for t in tasks}) != 1:
+        raise ValueError("tasks: expected one key/value vocabulary for all pair counts, found several")
+    update = {"vocab_size": tasks[0].vocab_size, "max_seq_len": max(t.seq_len for t in tasks)}
     model_cfg = model_cfg.model_copy(update=update)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, cfg))
     model.train()
-    t0, loss_ema = time.perf_counter(), None
+    t0, loss_ema, tokens, eval_s = time.perf_counter(), None, 0, 0.0
     for step in range(cfg.steps):
+        task = tasks[step % len(tasks)]
         out = model(generate(task, cfg.batch_size, cfg.seed, TRAIN_STREAM, step))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        tokens += cfg.batch_size * task.seq_len
         loss = float(out.loss.detach())
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         if log is not None and (step + 1) % 50 == 0:
             log(step + 1, {"mqar/train_loss": loss_ema})
-    seconds = time.perf_counter() - t0
-    acc = accuracy(model, generate(task, cfg.eval_sequences, cfg.seed, EVAL_STREAM))
-    return {"mqar/accuracy": acc, "mqar/train_loss": float(loss_ema), "mqar/chance": 1.0 / task.value_vocab,
-            "model/parameters": float(count_parameters(model)), "mqar/seconds": seconds,
-            "mqar/tokens_per_s": cfg.steps * cfg.batch_size * task.seq_len / seconds}
+        if log is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            e0 = time.perf_counter()
+            log(step + 1, _accuracies(model, tasks, cfg))
+            model.train()
+            eval_s += time.perf_counter() - e0
+    seconds = time.perf_counter() - t0 - eval_s
+    return {**_accuracies(model, tasks, cfg), "mqar/train_loss": float(loss_ema),
+            "mqar/chance": 1.0 / tasks[0].value_vocab, "model/parameters": float(count_parameters(model)),
+            "mqar/seconds": seconds, "mqar/tokens_per_s": tokens / seconds}

@@ -1,8 +1,9 @@
-"""``mqar``: the associative-recall probe (:mod:`slmlab.probes.mqar`) for each model at each pair count.
+"""``mqar``: the associative-recall probe (:mod:`slmlab.probes.mqar`) for each model, at each pair count.
 
-Each cell trains one small model from scratch on MQAR sequences with ``num_pairs`` key-value pairs
-and reports its accuracy on held-out sequences; New-LLM models are also run at every width in
-``context_dims`` (their whole memory is ``n_layers * context_dim`` numbers).
+Each cell trains one small model from scratch on MQAR sequences of every pair count in ``pairs``
+(in turn, as Zoology trains on a mixture) and reports its accuracy on held-out sequences of each
+count; New-LLM models are also run at every width in ``context_dims`` (their whole memory is
+``n_layers * context_dim`` numbers).
 
 Why from scratch rather than fine-tuning the pretrained models: the probe then measures what the
 architecture can learn to do with its state, not how far one text-pretraining run happens to
@@ -14,7 +15,7 @@ parameters on generated data (no shards), and a Ray Train + DeepSpeed start cost
 for nothing this needs (one process, no checkpoints: a cell is minutes and re-runs on --resume).
 Cells are independent, so they run as 1-CPU Ray tasks, as many at once as the cluster holds.
 Each cell is an MLflow child run of the stage's run, tagged ``slmlab.role=probe``, with its
-accuracy as ``mqar/accuracy``; ``slmlab report`` tabulates and plots them.
+accuracy per pair count as ``mqar/p<N>/accuracy``; ``slmlab report`` tabulates and plots them.
 """
 from __future__ import annotations
 
@@ -31,21 +32,22 @@ _Model = Annotated[Union[tuple(f.config_cls for f in FAMILIES.values())], Field(
 
 class ProbeModel(StrictConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # label in MLflow and in the report
-    model: _Model  # type: ignore[valid-type]  # vocab_size and max_seq_len are set from the task
+    model: _Model  # type: ignore[valid-type]  # vocab_size and max_seq_len are set from the tasks
 
 
 class MQARStage(StageConfig):
     kind: Literal["mqar"] = "mqar"
     models: list[ProbeModel] = Field(min_length=1)  # the architectures compared, at one fixed size each
-    pairs: list[int] = Field([4, 16, 64], min_length=1)  # key-value pairs per sequence, one cell each
+    pairs: list[int] = Field([4, 16, 64], min_length=1)  # key-value pairs per sequence: trained on all, scored on each
     context_dims: list[int] = Field(default_factory=list)  # extra New-LLM widths (memory sizes) per pair count
     key_vocab: int = Field(128, ge=1)  # distinct keys; must be >= the largest pair count
     value_vocab: int = Field(128, ge=2)  # distinct values; chance accuracy is 1 / value_vocab
-    steps: int = Field(1500, ge=1)  # optimizer steps per cell, fresh sequences each step
+    steps: int = Field(2000, ge=1)  # optimizer steps per cell, fresh sequences each step, cycling the pair counts
     batch_size: int = Field(64, ge=1)  # sequences per step
     lr: float = Field(3e-3, gt=0)  # peak AdamW learning rate (warmup, cosine to 10%)
     warmup: int = Field(100, ge=0)  # warmup steps
-    eval_sequences: int = Field(1000, ge=1)  # held-out sequences the accuracy is measured on
+    eval_sequences: int = Field(1000, ge=1)  # held-out sequences per pair count the accuracy is measured on
+    eval_every: int = Field(0, ge=0)  # also log accuracy every this many steps (0 = at the end only)
     threads: int = Field(1, ge=1)  # torch threads (= CPUs asked of Ray) per cell
     max_concurrent: int | None = Field(None, ge=1)  # cap on cells at once (None = as many as the CPUs hold)
 
@@ -61,28 +63,25 @@ class MQARStage(StageConfig):
 
 
 class Cell(NamedTuple):
-    label: str  # unique in the stage: <model>-p<pairs>, or <model>-c<context_dim>-p<pairs> for extra widths
+    label: str  # unique in the stage: the model's name, or <name>-c<context_dim> for an extra width
     name: str  # the ProbeModel's name
     model: Any  # its family config (context_dim changed for extra widths)
-    pairs: int
     base: bool  # the model as configured (False: one of the extra context_dims)
 
 
 def cells(stage: MQARStage) -> list[Cell]:
-    """Every cell of the stage, per pair count: each model as configured, then its extra widths."""
+    """Every cell of the stage: each model as configured, then its extra widths."""
     out = []
-    for n in stage.pairs:
-        for pm in stage.models:
-            out.append(Cell(f"{pm.name}-p{n}", pm.name, pm.model, n, True))
-            if pm.model.family == "new_llm":
-                for c in stage.context_dims:
-                    if c != pm.model.context_dim:
-                        model = pm.model.model_copy(update={"context_dim": c})
-                        out.append(Cell(f"{pm.name}-c{c}-p{n}", pm.name, model, n, False))
+    for pm in stage.models:
+        out.append(Cell(pm.name, pm.name, pm.model, True))
+        if pm.model.family == "new_llm":
+            for c in stage.context_dims:
+                if c != pm.model.context_dim:
+                    out.append(Cell(f"{pm.name}-c{c}", pm.name, pm.model.model_copy(update={"context_dim": c}), False))
     return out
 
 
-def _run_cell(model_cfg, task, train, uri: str, run_id: str, threads: int) -> dict[str, float]:
+def _run_cell(model_cfg, tasks, train, uri: str, run_id: str, threads: int) -> dict[str, float]:
     """One cell, in a Ray task: train, log the loss curve and the figures to the cell's MLflow run."""
     import torch
 
@@ -91,7 +90,7 @@ def _run_cell(model_cfg, task, train, uri: str, run_id: str, threads: int) -> di
 
     torch.set_num_threads(threads)
     logger = MetricsLogger(uri, run_id)
-    figures = train_cell(model_cfg, task, train, log=lambda step, m: logger.log(m, step))
+    figures = train_cell(model_cfg, tasks, train, log=lambda step, m: logger.log(m, step))
     logger.log(figures, step=train.steps)
     return figures
 
@@ -105,9 +104,9 @@ def run(stage: MQARStage, ctx: StageContext) -> StageResult:
     from slmlab.tracking import ensure_experiment, flatten
 
     cfg, name = ctx.cfg, stage.stage_name
-    tasks = {n: MQARTask(n, key_vocab=stage.key_vocab, value_vocab=stage.value_vocab) for n in stage.pairs}
+    tasks = [MQARTask(n, key_vocab=stage.key_vocab, value_vocab=stage.value_vocab) for n in stage.pairs]
     train = ProbeTrain(steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
-                       eval_sequences=stage.eval_sequences, seed=cfg.seed)
+                       eval_sequences=stage.eval_sequences, eval_every=stage.eval_every, seed=cfg.seed)
     parent = ctx.stage_run(name)
     experiment_id = ensure_experiment(ctx.client, cfg.experiment_name, cfg.run_dir)
     remote = ray.remote(_run_cell).options(num_cpus=stage.threads, max_retries=0, name="slmlab-mqar")
@@ -125,20 +124,20 @@ def run(stage: MQARStage, ctx: StageContext) -> StageResult:
     running, failed = {}, []
     while todo or running:
         while todo and len(running) < limit:
-            label, model_name, model, n, base = todo.pop(0)
-            task = tasks[n]
-            model = model.model_copy(update={"vocab_size": task.vocab_size, "max_seq_len": task.seq_len})
+            label, model_name, model, base = todo.pop(0)
+            model = model.model_copy(update={"vocab_size": tasks[0].vocab_size,
+                                             "max_seq_len": max(t.seq_len for t in tasks)})
             run = ctx.client.create_run(experiment_id, run_name=f"{ctx.state.data['invocation']}-{name}-{label}", tags={
                 "mlflow.parentRunId": parent, "slmlab.stage": name, "slmlab.role": "probe", "slmlab.probe": "mqar",
                 "slmlab.pipeline": cfg.name, "slmlab.family": model.family, "slmlab.variant": model_name,
                 "slmlab.probe_cell": label, "slmlab.probe_base": str(base).lower()})
             run_id = run.info.run_id
-            params = {"mqar.num_pairs": n, "mqar.key_vocab": task.key_vocab, "mqar.value_vocab": task.value_vocab,
-                      "mqar.seq_len": task.seq_len, **{f"mqar.train.{k}": v for k, v in vars(train).items()},
+            params = {"mqar.pairs": ",".join(map(str, stage.pairs)), "mqar.key_vocab": stage.key_vocab,
+                      "mqar.value_vocab": stage.value_vocab, **{f"mqar.train.{k}": v for k, v in vars(train).items()},
                       **flatten(model.model_dump(mode="json"), "model.")}
             ctx.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             ctx.state.record(name, label, label=label, mlflow_run_id=run_id, status="RUNNING")
-            ref = remote.remote(model, task, train, ctx.client.tracking_uri, run_id, stage.threads)
+            ref = remote.remote(model, tasks, train, ctx.client.tracking_uri, run_id, stage.threads)
             running[ref] = (label, run_id)
         done, _ = ray.wait(list(running), num_returns=1)
         label, run_id = running.pop(done[0])
@@ -153,12 +152,14 @@ def run(stage: MQARStage, ctx: StageContext) -> StageResult:
         ctx.client.set_terminated(run_id, status="FINISHED")
         ctx.state.record(name, label, status="FINISHED", metrics=figures)
         results[label] = figures
-        ctx.progress(f"{name}: {label}: accuracy {figures['mqar/accuracy']:.3f} "
-                     f"(chance {figures['mqar/chance']:.3f}, {figures['mqar/seconds']:.0f} s)")
+        acc = ", ".join(f"{figures[f'mqar/p{n}/accuracy']:.3f} at {n}" for n in stage.pairs)
+        ctx.progress(f"{name}: {label}: accuracy {acc} pairs (chance {figures['mqar/chance']:.3f}, "
+                     f"{figures['mqar/seconds']:.0f} s)")
     ctx.client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
     if failed:
         raise StageFailed(f"stage {name}: cells failed: {'; '.join(failed)}; continue with --resume")
-    return StageResult(name, outputs={"accuracy": {k: v["mqar/accuracy"] for k, v in results.items()}})
+    accuracy = {(label, n): figures[f"mqar/p{n}/accuracy"] for label, figures in results.items() for n in stage.pairs}
+    return StageResult(name, outputs={"accuracy": accuracy})
 
 
 register_stage("mqar", MQARStage, run)

@@ -95,6 +95,61 @@ def test_verbose_shows_the_traceback_instead(tmp_path):
     assert isinstance(result.exception, ConfigError)
 
 
+def _ray_wrapped(cause: Exception) -> Exception:
+    """The exception ray.get raises for a task that raised ``cause``: RayTaskError and cause's class at once."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise cause
+    except Exception as err:
+        import traceback
+
+        return RayTaskError("read_source", traceback.format_exc(), err).as_instanceof_cause()
+
+
+def test_deliberate_errors_are_recognised_through_ray_wrappers():
+    from ray.exceptions import UserCodeException
+
+    from slmlab.config import ConfigError
+    from slmlab.errors import DataError, RegistryError, user_error
+
+    msg = "data.sources[0] (text /x/nope.txt): expected a file, folder or glob, found no such path"
+    assert str(user_error(FileNotFoundError(msg))) == msg  # the data code's builtin types, by message
+    assert user_error(ValueError("data: expected documents on both sides of the split")) is not None
+    wrapped = _ray_wrapped(DataError(msg))
+    assert isinstance(wrapped, DataError) and str(wrapped) != msg  # a trace, what the CLI must not print
+    assert str(user_error(wrapped)) == msg
+    assert str(user_error(_ray_wrapped(ValueError(msg)))) == msg
+    try:
+        raise UserCodeException("UDF failed to process a data block.") from ValueError(msg)
+    except UserCodeException as err:
+        assert str(user_error(err)) == msg
+    assert isinstance(user_error(ConfigError("x.yaml: train.lr: expected > 0, found -1")), ConfigError)
+    assert isinstance(user_error(RegistryError("models:/x/1: not found")), RegistryError)
+    # anything else is a bug and keeps its traceback
+    assert user_error(ValueError("shapes (3,) and (4,) not aligned")) is None
+    assert user_error(_ray_wrapped(KeyError("input_ids"))) is None
+    assert user_error(RuntimeError("data: packing lost tokens")) is None  # an internal invariant, not input
+
+
+def test_cli_prints_a_ray_wrapped_data_error_as_one_line(tmp_path, monkeypatch):
+    import slmlab.pipeline
+    from slmlab.errors import DataError
+
+    msg = "data.sources[0] (text /x/huge.txt): expected lines under 64 MiB, found one of 2 GiB"
+
+    def failing(*args, **kwargs):
+        raise _ray_wrapped(DataError(msg))
+
+    monkeypatch.setattr(slmlab.pipeline, "run_stages", failing)
+    line = assert_one_line_error(invoke("run", str(write_pipeline(tmp_path))))
+    assert line == msg
+    bug = KeyError("input_ids")
+    monkeypatch.setattr(slmlab.pipeline, "run_stages", lambda *a, **k: (_ for _ in ()).throw(bug))
+    result = invoke("run", str(write_pipeline(tmp_path)))
+    assert result.exception is bug and result.exit_code == 1  # a bug is not dressed up as a user error
+
+
 # ----------------------------------------------------------------------------------------------
 # generate / export
 

@@ -7,6 +7,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,11 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
            "--backend-store-uri", tracking_uri(run_dir), "--default-artifact-root", artifact_root(run_dir)]
     typer.echo(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    server = subprocess.Popen(cmd)
+    # a SIGTERM to us (a service manager, a test) must stop the server too, not orphan it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: server.send_signal(signum))
+    raise typer.Exit(server.wait())
 
 
 @app.command()

@@ -54,9 +54,10 @@ def user_error(err: BaseException) -> SlmlabError | None:
 
     Recognised: any SlmlabError (ConfigError included), and ValueError/OSError whose message
     starts with a data field path, as the data code writes them."""
-    for candidate in (err, _unwrap(err)):
-        if isinstance(candidate, SlmlabError):
-            return candidate
-        if isinstance(candidate, (ValueError, OSError)) and _DATA_MESSAGE.match(str(candidate)):
-            return DataError(str(candidate))
+    # unwrapped first: Ray's wrapper is an instance of the cause's class too, but prints a traceback
+    original = _unwrap(err)
+    if isinstance(original, SlmlabError):
+        return original
+    if isinstance(original, (ValueError, OSError)) and _DATA_MESSAGE.match(str(original)):
+        return DataError(str(original))
     return None

@@ -137,6 +137,17 @@ def test_decoding_through_the_cache_matches_the_full_forward(teacher, variant):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_decoding_state_is_what_the_modules_hold(teacher):
+    """Linear attention keeps a window and two sums whatever the context; the graph variant keeps
+    the key/value history (kv heads only); the teacher's KV cache sits between them per position."""
+    from slmlab.profile import state_bytes
+
+    linear, graph = make(MODULE_KINDS, teacher), make(MODULE_KINDS, teacher, attention={"variant": "graph"})
+    assert state_bytes(linear, 16) == state_bytes(linear, L) > 0
+    assert state_bytes(graph, L) > state_bytes(graph, 16) > 0
+    assert state_bytes(graph, L) == pytest.approx(state_bytes(make([], teacher), L), rel=0.1)
+
+
 def test_generation_runs_through_the_student(teacher):
     from slmlab.generation import generate
 
@@ -227,3 +238,103 @@ def test_a_module_checkpoint_that_does_not_fit_its_slot_is_refused(teacher, tmp_
         load_module(ranked, "embedding", tmp_path / "emb")
     load_module(ranked, "attention", tmp_path / "attn")  # the right one loads
     assert torch.equal(ranked.move["attention"][0].fq, fitted.move["attention"][0].fq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+TINY_MODULES = {"kind": "move_modules", "embedding": {"rank": 8}, "decoder": {"rank": 8}, "ffn": {"num_experts": 4},
+                "attention": {"window": 8},
+                "train": {"max_steps": 4, "eval_every": 4, "checkpoint_every": 4, "lr": 0.01, "weight_decay": 0.0,
+                          "warmup_steps": 1}}
+TINY_DISTILL = {"kind": "move_distill", "train": {"max_steps": 3, "eval_every": 3, "checkpoint_every": 3, "lr": 0.003}}
+
+
+def move_pipeline(tmp_path, teacher: str, **extra):
+    from tests.conftest import tiny_pipeline_dict
+
+    return tiny_pipeline_dict(tmp_path, name="movetiny", stages=[
+        {"kind": "move_teacher", "teacher": teacher, **extra}, TINY_MODULES, {"kind": "move_assemble"}, TINY_DISTILL])
+
+
+def test_a_missing_registered_teacher_names_the_command_that_trains_it(tmp_path):
+    from slmlab.config import validate_pipeline
+    from slmlab.stages import PipelineState, StageContext, StageFailed
+    from slmlab.stages.move import TeacherStage, run_teacher
+    from slmlab.tracking import client_for
+
+    cfg = validate_pipeline(move_pipeline(tmp_path, "models:/nowhere", train_if_missing=False))
+    ctx = StageContext(cfg, shards=None, client=client_for(cfg.run_dir), state=PipelineState.new(cfg))
+    with pytest.raises(StageFailed, match=r"expected models:/nowhere registered in .*found none: run `slmlab run "
+                                          r"pipelines/vectorslm.yaml --set tracking.register_as=nowhere"):
+        run_teacher(TeacherStage(teacher="models:/nowhere", train_if_missing=False), ctx)
+
+
+def _summary(cfg):
+    from slmlab.tracking import client_for
+
+    client = client_for(cfg.run_dir)
+    exp = client.get_experiment_by_name(cfg.experiment_name).experiment_id
+    runs = client.search_runs([exp])
+    (summary,) = [r for r in runs if r.data.tags.get("slmlab.role") == "move-summary"]
+    modules = [r for r in runs if r.data.tags.get("slmlab.move.module")]
+    return client, summary, modules
+
+
+def _check_metric_set(cfg) -> set[str]:
+    """Five module runs (two at a time), per-layer cosine for each, the assembled student registered
+    with its bpb next to the teacher's, before and after the final stage; returns the metric names."""
+    client, summary, modules = _summary(cfg)
+    assert sorted(r.data.tags["slmlab.move.module"] for r in modules) == sorted(MODULE_KINDS)
+    assert all(r.info.status == "FINISHED" for r in modules)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in modules)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "expected module runs overlapping in time"
+    for r in modules:
+        kind = r.data.tags["slmlab.move.module"]
+        layers = [k for k in r.data.metrics if k.startswith(f"val/cos/{kind}/") and k.endswith("/teacher_in")
+                  and "/layer" in k or k == f"val/cos/{kind}/teacher_in" and kind in ("embedding", "decoder")]
+        assert len(layers) == (2 if kind in ("position", "attention", "ffn") else 1), (kind, layers)
+        assert -1.0 <= r.data.metrics[f"val/cos/{kind}/teacher_in"] <= 1.0
+    m = summary.data.metrics
+    for key in ["move/bpb/teacher", "move/bpb/assembled", "move/bpb/distilled", "move/kl/assembled",
+                "move/params/student", "move/decode_tokens_per_s/assembled", "move/memory_mib/teacher"] + [
+                f"move/bpb/swap_{k}" for k in MODULE_KINDS]:
+        assert key in m, key
+    versions = client.search_model_versions("name='movetiny-assembled'")
+    assert versions and versions[0].run_id == summary.info.run_id
+    assert client.search_model_versions("name='movetiny-distilled'")
+    mem = {s.step: s.value for s in client.get_metric_history(summary.info.run_id, "move/memory_mib/assembled")}
+    assert sorted(mem) == [512, 2048]
+    return {k.rsplit("/layer", 1)[0] for k in m}
+
+
+@pytest.mark.slow
+def test_move_pipeline_trains_a_missing_teacher_then_fits_assembles_and_distils(ray_local, tmp_path):
+    from slmlab.config import validate_pipeline
+    from slmlab.pipeline import run_stages
+
+    cfg = validate_pipeline(move_pipeline(tmp_path, "models:/tinyteacher"))
+    results = run_stages(cfg, progress=lambda m: None)
+    assert results["move_teacher"].runs["teacher"].model_uri == "models:/tinyteacher/1"
+    _check_metric_set(cfg)
+
+
+@pytest.mark.slow
+def test_move_pipeline_runs_on_a_transformers_llama_folder(ray_local, tmp_path):
+    """A teacher saved by transformers itself (nothing downloaded): same stages, same metric set."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmlab.config import validate_pipeline
+    from slmlab.data.shards import build_shards
+    from slmlab.pipeline import run_stages
+
+    cfg = validate_pipeline(move_pipeline(tmp_path, str(tmp_path / "hf")))
+    vocab = build_shards(cfg, progress=lambda m: None).summary["vocab_size"]  # cached: the pipeline reuses it
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(tmp_path / "hf")
+    run_stages(cfg, progress=lambda m: None)
+    names = _check_metric_set(cfg)
+    assert {"move/cos/attention", "move/cos/ffn", "move/cos/position", "move/bpb/swap_decoder"} <= names

@@ -284,15 +284,19 @@ class HedgehogAttention(_Projections):
         a = g * torch.exp(s - s.amax(-1, keepdim=True)) + torch.matmul(pq, pk.transpose(-1, -2)) * (d >= self.window)
         y = torch.matmul(a, v) / a.sum(-1, keepdim=True)
         if cache is not None:  # prefill: keys that left the window go into the sums, the rest into the window
-            w, cut = self.window, max(0, T - self.window)
-            shape = (B, self.n_heads, w, self.head_dim)
-            state = {"kw": k.new_zeros(shape), "vw": v.new_zeros(shape)}
+            state, w, cut = cache.state[self.layer_idx], self.window, max(0, T - self.window)
             slots = torch.arange(cut, T, device=x.device) % w
             state["kw"][:, :, slots], state["vw"][:, :, slots] = k[:, :, cut:], v[:, :, cut:]
-            state["s"] = torch.matmul(pk[:, :, :cut].transpose(-1, -2), v[:, :, :cut])
-            state["z"] = pk[:, :, :cut].sum(2)
-            cache.state[self.layer_idx] = state
+            state["s"].copy_(torch.matmul(pk[:, :, :cut].transpose(-1, -2), v[:, :, :cut]))
+            state["z"].copy_(pk[:, :, :cut].sum(2))
         return self.out(y)
+
+    def new_state(self, batch: int, max_len: int, device, dtype) -> dict[str, torch.Tensor]:
+        """Decoding state, constant in the context length: the window's keys/values and the sums."""
+        f2 = 2 * self.fq.size(-1)
+        new = lambda *shape: torch.zeros(batch, self.n_heads, *shape, device=device, dtype=dtype)  # noqa: E731
+        return {"kw": new(self.window, self.head_dim), "vw": new(self.window, self.head_dim),
+                "s": new(f2, self.head_dim), "z": new(f2)}
 
     def _step(self, q, k, v, g, state, p: int):
         w, slot = self.window, p % self.window
@@ -330,6 +334,12 @@ class GraphAttention(_Projections):
         self.mq = nn.Parameter(torch.eye(self.head_dim).repeat(n_heads, 1, 1))
         self.mk = nn.Parameter(torch.eye(self.head_dim).repeat(n_kv_heads, 1, 1))
         self.edge_bias = nn.Parameter(torch.zeros(n_heads, len(self.KINDS)))
+
+    def new_state(self, batch: int, max_len: int, device, dtype) -> dict[str, torch.Tensor]:
+        """Decoding state: the (mapped) key/value history the edges read, and the summary's sums."""
+        new = lambda *shape: torch.zeros(batch, self.n_kv_heads, *shape, device=device, dtype=dtype)  # noqa: E731
+        return {"k": new(max_len, self.head_dim), "v": new(max_len, self.head_dim),
+                "ksum": new(self.head_dim), "vsum": new(self.head_dim)}
 
     def offsets(self) -> list[int]:
         """Distances back along which a token receives messages (besides the sink and summary)."""
@@ -377,11 +387,10 @@ class GraphAttention(_Projections):
             dropped = torch.tensor([[p + 1 - idx.numel()]], device=x.device, dtype=q.dtype)
         else:
             if cache is not None:  # prefill: the key/value history and the running sums
-                shape = (B, self.n_kv_heads, cache.max_len, self.head_dim)
-                cache.state[self.layer_idx] = {"k": k.new_zeros(shape), "v": v.new_zeros(shape),
-                                               "ksum": k.sum(2), "vsum": v.sum(2)}
-                cache.state[self.layer_idx]["k"][:, :, :T] = k
-                cache.state[self.layer_idx]["v"][:, :, :T] = v
+                st = cache.state[self.layer_idx]
+                st["k"][:, :, :T], st["v"][:, :, :T] = k, v
+                st["ksum"].copy_(k.sum(2))
+                st["vsum"].copy_(v.sum(2))
             ke, ve = k, v
             k_mean, v_mean = k.cumsum(2) / count, v.cumsum(2) / count
             pos = torch.arange(start_pos, start_pos + T, device=x.device)
@@ -590,7 +599,13 @@ class MoVE(VectorSLM):
         kv = None
         if "attention" not in self.swap or self.move_cfg.identity:
             kv = super().new_cache(batch_size, max_len, device, dtype)
-        return MoVECache(kv, batch_size, max_len)
+        cache = MoVECache(kv, batch_size, max_len)
+        if kv is None:  # every layer's attention is a module with its own state
+            p = self.tok_emb.weight
+            for i, mod in enumerate(self.move["attention"]):
+                cache.state[i] = mod.new_state(batch_size, max_len, device if device is not None else p.device,
+                                               dtype or p.dtype)
+        return cache
 
     def student_parameters(self) -> int:
         """Parameters on the student's path (the teacher's unswapped sublayers included)."""

@@ -19,6 +19,7 @@ tokens (one EOS per document).
 Text: ../shared/data (tinyshakespeare, wikitext-2) when present, else the embedded stdlib-docs
 corpus, split into paragraphs and repeated until --mb megabytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,13 +82,28 @@ def run_pipeline(table, tok_path: Path, actors: int, seq_len: int, batch: int, o
     step = 4 * batch  # the block size build_shards gives the tokenizer stage
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)]).materialize()
     t0 = time.perf_counter()
-    packed = ds.map_batches(
-        TokenizeDocs, fn_constructor_args=(str(tok_path), seq_len, None), batch_size=batch, batch_format="pyarrow",
-        concurrency=actors, num_cpus=0.5,
-    ).map_batches(Finalize(plan), batch_format="pyarrow", batch_size=None).map_batches(
-        PackAndWrite(str(out), seq_len, tok.token_to_id(EOS), tok.token_to_id(PAD),
-                     np.asarray(token_byte_lengths(tok), np.int64), False),
-        batch_size=8192, batch_format="pyarrow",
+    packed = (
+        ds.map_batches(
+            TokenizeDocs,
+            fn_constructor_args=(str(tok_path), seq_len, None),
+            batch_size=batch,
+            batch_format="pyarrow",
+            concurrency=actors,
+            num_cpus=0.5,
+        )
+        .map_batches(Finalize(plan), batch_format="pyarrow", batch_size=None)
+        .map_batches(
+            PackAndWrite(
+                str(out),
+                seq_len,
+                tok.token_to_id(EOS),
+                tok.token_to_id(PAD),
+                np.asarray(token_byte_lengths(tok), np.int64),
+                False,
+            ),
+            batch_size=8192,
+            batch_format="pyarrow",
+        )
     )
     t_first = None
     tokens = 0
@@ -131,8 +147,10 @@ def main() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the baseline's rayon pool uses every core
     tok.encode_batch(docs[:2000], add_special_tokens=False)
     actors = [int(a) for a in args.actors.split(",")]
-    print(f"pipeline: Ray Data on {args.cpus} CPUs, TokenizeDocs actors at num_cpus=0.5 (1 tokenizer thread each), "
-          f"tokenize batch {args.batch}, seq_len {args.seq_len}; load average before: {os.getloadavg()[0]:.1f}")
+    print(
+        f"pipeline: Ray Data on {args.cpus} CPUs, TokenizeDocs actors at num_cpus=0.5 (1 tokenizer thread each), "
+        f"tokenize batch {args.batch}, seq_len {args.seq_len}; load average before: {os.getloadavg()[0]:.1f}"
+    )
     base_times, pipe_times, fixed_times = [], {k: [] for k in actors}, {k: [] for k in actors}
     tiny = table.slice(0, 64)  # the fixed cost of one execution: actor start-up, scheduling, a file write
     for rep in range(args.repeat):  # interleaved, so neighbours' load hits every configuration alike
@@ -148,16 +166,28 @@ def main() -> None:
             assert tokens == base_tokens, f"pipeline packed {tokens} target tokens, baseline counted {base_tokens}"
             pipe_times[k].append(total)
             fixed_times[k].append(fixed)
-            print(f"  [{rep}] {k} actor(s): {total:6.2f} s  {n_bytes / total / 1e6:6.2f} MB/s  ratio {base_times[-1] / total:.2f}"
-                  f"  (fixed start-up {fixed:.1f} s; steady ratio {base_times[-1] / max(total - fixed, 1e-9):.2f};"
-                  f" {tokens:,} target tokens = baseline's)")
+            print(
+                f"  [{rep}] {k} actor(s): {total:6.2f} s  {n_bytes / total / 1e6:6.2f} "
+                f"MB/s  ratio {base_times[-1] / total:.2f}"
+                f"  (fixed start-up {fixed:.1f} s; steady ratio {base_times[-1] / max(total - fixed, 1e-9):.2f};"
+                f" {tokens:,} target tokens = baseline's)"
+            )
     base = float(np.min(base_times))
-    print(f"\nsummary (best of {args.repeat} per configuration; {n_bytes / 1e6:.1f} MB; load average after: {os.getloadavg()[0]:.1f})")
-    print("  configuration             seconds   MB/s   ratio to encode_batch   fixed start-up   steady ratio (minus start-up)")
+    print(
+        f"\nsummary (best of {args.repeat} per configuration; "
+        f"{n_bytes / 1e6:.1f} MB; load average after: {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        "  configuration             seconds   MB/s   ratio to "
+        "encode_batch   fixed start-up   steady ratio (minus start-up)"
+    )
     print(f"  encode_batch, all cores   {base:7.2f}  {n_bytes / base / 1e6:5.2f}   1.00")
     for k in actors:
         t, f = float(np.min(pipe_times[k])), float(np.min(fixed_times[k]))
-        print(f"  Ray Data, {k} actor(s)      {t:7.2f}  {n_bytes / t / 1e6:5.2f}   {base / t:.2f}                   {f:5.1f} s          {base / max(t - f, 1e-9):.2f}")
+        print(
+            f"  Ray Data, {k} actor(s)      {t:7.2f}  {n_bytes / t / 1e6:5.2f}   {base / t:.2f} "
+            f"                  {f:5.1f} s          {base / max(t - f, 1e-9):.2f}"
+        )
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

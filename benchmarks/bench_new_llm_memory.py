@@ -27,6 +27,7 @@ The two models are sized to roughly equal parameter counts (printed). The transf
 slmlab.models.vectorslm.VectorSLM with its static KV cache; if it cannot be imported the baseline
 is skipped with a note.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,14 +58,22 @@ def build(kind: str, max_len: int):
     if kind == "new_llm":
         from slmlab.models.new_llm import NewLLM, NewLLMConfig
 
-        cfg = NewLLMConfig(vocab_size=VOCAB, dim=DIM, context_dim=256, n_layers=LAYERS, ffn_hidden=512,
-                           gate="vector", max_seq_len=max_len)
+        cfg = NewLLMConfig(
+            vocab_size=VOCAB,
+            dim=DIM,
+            context_dim=256,
+            n_layers=LAYERS,
+            ffn_hidden=512,
+            gate="vector",
+            max_seq_len=max_len,
+        )
         model = NewLLM(cfg)
     else:
         from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig
 
-        cfg = VectorSLMConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=4, n_kv_heads=4,
-                              ffn_hidden=688, max_seq_len=max_len)
+        cfg = VectorSLMConfig(
+            vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=4, n_kv_heads=4, ffn_hidden=688, max_seq_len=max_len
+        )
         model = VectorSLM(cfg)
     return model, count_parameters(model)
 
@@ -75,14 +84,16 @@ def prefill(model, ids: torch.Tensor, chunk: int, room: int):
     n = ids.size(1)
     cache = model.new_cache(ids.size(0), n + room, device=p.device, dtype=p.dtype)
     for s in range(0, n, chunk):
-        logits = model({"input_ids": ids[:, s:s + chunk]}, cache=cache, start_pos=s, logits_to_keep=1).logits
+        logits = model({"input_ids": ids[:, s : s + chunk]}, cache=cache, start_pos=s, logits_to_keep=1).logits
     return cache, logits
 
 
 def decode(model, cache, logits: torch.Tensor, pos: int, n: int) -> torch.Tensor:
     """Greedy-decode n tokens one forward each, continuing at position pos; returns the last logits."""
     for i in range(n):
-        logits = model({"input_ids": logits[:, -1].argmax(-1, keepdim=True)}, cache=cache, start_pos=pos + i, logits_to_keep=1).logits
+        logits = model(
+            {"input_ids": logits[:, -1].argmax(-1, keepdim=True)}, cache=cache, start_pos=pos + i, logits_to_keep=1
+        ).logits
     return logits
 
 
@@ -97,8 +108,11 @@ def peak_tensor_bytes_cpu(fn):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     live = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         live += e.nbytes()  # frees of tensors allocated before profiling are not reported: this is growth
@@ -151,8 +165,20 @@ def worker(args) -> None:
             steps.append(time.perf_counter() - t0)
         decode_s = d * statistics.median(steps)
     method = "cuda" if device.type == "cuda" else "rss" if args.stream else "profiler"
-    print(json.dumps({"model": args.model, "tokens": n, "params": n_params, "peak_bytes": peak, "method": method,
-                      "state_bytes": state_bytes(cache), "workload_s": workload_s, "decode_tok_s": d / decode_s}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "tokens": n,
+                "params": n_params,
+                "peak_bytes": peak,
+                "method": method,
+                "state_bytes": state_bytes(cache),
+                "workload_s": workload_s,
+                "decode_tok_s": d / decode_s,
+            }
+        )
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -190,14 +216,36 @@ def main() -> None:
             models.remove("transformer")
 
     mode = "token by token" if args.stream else f"chunked prefill of {args.chunk}"
-    print(f"device={args.device} dtype={args.dtype} threads={args.threads} context: {mode}, then {args.decode} decode steps")
-    header = f"{'model':<12}{'params':>10}{'tokens':>8}{'state MiB':>11}{'peak MiB':>10}{'run s':>8}{'decode tok/s':>14}"
+    print(
+        f"device={args.device} dtype={args.dtype} threads={args.threads} "
+        f"context: {mode}, then {args.decode} decode steps"
+    )
+    header = (
+        f"{'model':<12}{'params':>10}{'tokens':>8}{'state MiB':>11}{'peak MiB':>10}{'run s':>8}{'decode tok/s':>14}"
+    )
     print(header)
     rows: dict[str, list[dict]] = {m: [] for m in models}
     for m in models:
         for n in args.lengths:
-            cmd = [sys.executable, __file__, "--worker", "--model", m, "--length", str(n), "--chunk", str(args.chunk),
-                   "--decode", str(args.decode), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--model",
+                m,
+                "--length",
+                str(n),
+                "--chunk",
+                str(args.chunk),
+                "--decode",
+                str(args.decode),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(args.threads),
+            ]
             cmd += ["--stream"] if args.stream else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
@@ -205,16 +253,23 @@ def main() -> None:
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows[m].append(r)
-            print(f"{m:<12}{r['params']:>10,}{n:>8}{r['state_bytes'] / 2**20:>11.3f}{r['peak_bytes'] / 2**20:>10.2f}"
-                  f"{r['workload_s']:>8.1f}{r['decode_tok_s']:>14,.0f}", flush=True)
+            print(
+                f"{m:<12}{r['params']:>10,}{n:>8}{r['state_bytes'] / 2**20:>11.3f}{r['peak_bytes'] / 2**20:>10.2f}"
+                f"{r['workload_s']:>8.1f}{r['decode_tok_s']:>14,.0f}",
+                flush=True,
+            )
 
     if args.stream and not args.device.startswith("cuda"):
-        print("peak MiB = growth of the process's peak RSS (ru_maxrss) during the workload, beyond the warm-up's;"
-              " page-granular, 0 means no new memory was needed")
+        print(
+            "peak MiB = growth of the process's peak RSS (ru_maxrss) during the workload, beyond the warm-up's;"
+            " page-granular, 0 means no new memory was needed"
+        )
         for m, rs in rows.items():
             if len(rs) >= 2:
-                print(f"{m}: peak RSS growth {rs[-1]['peak_bytes'] / 2**20:.2f} MiB at {rs[-1]['tokens']} tokens, "
-                      f"{rs[0]['peak_bytes'] / 2**20:.2f} MiB at {rs[0]['tokens']}")
+                print(
+                    f"{m}: peak RSS growth {rs[-1]['peak_bytes'] / 2**20:.2f} MiB at {rs[-1]['tokens']} tokens, "
+                    f"{rs[0]['peak_bytes'] / 2**20:.2f} MiB at {rs[0]['tokens']}"
+                )
         return
     for m, rs in rows.items():
         if len(rs) >= 2:

@@ -6,6 +6,7 @@ same torch thread count, one process run. Prints steady-state tokens/s of each (
 
     python benchmarks/bench_train_loop.py [--steps 40] [--pipeline pipelines/vectorslm.yaml]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,17 @@ def main() -> None:
     from slmlab.runtime import ensure_ray
 
     run_dir = tempfile.mkdtemp(prefix="slmlab-bench-")
-    cfg = load_pipeline(args.pipeline, [f"run_dir={run_dir}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-                                        f"train.checkpoint_every={args.steps}", "train.eval_batches=1", "eval.max_new_tokens=1"])
+    cfg = load_pipeline(
+        args.pipeline,
+        [
+            f"run_dir={run_dir}",
+            f"train.max_steps={args.steps}",
+            f"train.eval_every={args.steps}",
+            f"train.checkpoint_every={args.steps}",
+            "train.eval_batches=1",
+            "eval.max_new_tokens=1",
+        ],
+    )
     cfg = cfg.model_copy(update={"finetune": None, "compare": []})  # the pretraining stage alone
     ensure_ray()
     shards = build_shards(cfg, progress=lambda m: None)
@@ -84,13 +94,18 @@ def main() -> None:
     torch.set_num_threads(threads)
     plain_rate = plain_loop(cfg, shards, args.steps, args.warmup)
 
-    print(f"model: {cfg.model.family} dim={cfg.model.dim} layers={cfg.model.n_layers} seq={cfg.data.seq_len} "
-          f"micro-batch={cfg.train.micro_batch_size}x{cfg.train.grad_accum_steps} threads={threads} "
-          f"ZeRO-{cfg.train.zero_stage} {cfg.train.precision}")
+    print(
+        f"model: {cfg.model.family} dim={cfg.model.dim} layers={cfg.model.n_layers} seq={cfg.data.seq_len} "
+        f"micro-batch={cfg.train.micro_batch_size}x{cfg.train.grad_accum_steps} threads={threads} "
+        f"ZeRO-{cfg.train.zero_stage} {cfg.train.precision}"
+    )
     print(f"plain PyTorch loop          : {plain_rate:10.0f} tokens/s")
     print(f"Ray Train + DeepSpeed loop  : {ray_rate:10.0f} tokens/s")
     print(f"ratio (Ray+DS / plain)      : {ray_rate / plain_rate:10.3f}x")
-    print(f"Ray run wall time {ray_wall:.1f} s for {args.steps} steps; fixed start-up + eval + export ≈ {ray_wall - ray_compute_s:.1f} s")
+    print(
+        f"Ray run wall time {ray_wall:.1f} s for {args.steps} steps; fixed "
+        f"start-up + eval + export ≈ {ray_wall - ray_compute_s:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Same process, same torch, same thread count, one run. Reports:
 Timed sections alternate ours/HF so background load hits both alike; best-of-N times are reported, and
 ratios are also given by process CPU time, which other jobs on a shared machine do not distort.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def train_step_fn(model, opt, x, y, ours: bool):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -91,7 +93,9 @@ def alternate(fns: dict, device, n: int) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="9M-param model, ~20 s on 2 idle CPU cores (default: 31M params, ~90 s)")
+    ap.add_argument(
+        "--quick", action="store_true", help="9M-param model, ~20 s on 2 idle CPU cores (default: 31M params, ~90 s)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -121,10 +125,14 @@ def main() -> None:
     hf.to(dtype)
     n_params = sum(p.numel() for p in {id(p): p for p in ours.parameters()}.values())
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}  device {device}  dtype {dtype}  threads {torch.get_num_threads()}  "
-          f"cpus {os.cpu_count()}  load(1m) {load0:.1f}")
-    print(f"config: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.ffn_dim} "
-          f"vocab={cfg.vocab_size}  params={n_params / 1e6:.1f}M  (HF {hf.num_parameters() / 1e6:.1f}M)")
+    print(
+        f"torch {torch.__version__}  device {device}  dtype {dtype}  threads {torch.get_num_threads()}  "
+        f"cpus {os.cpu_count()}  load(1m) {load0:.1f}"
+    )
+    print(
+        f"config: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.ffn_dim} "
+        f"vocab={cfg.vocab_size}  params={n_params / 1e6:.1f}M  (HF {hf.num_parameters() / 1e6:.1f}M)"
+    )
 
     # ---- machine peak -------------------------------------------------------------------------
     peak_n = 2048 if cpu else 8192
@@ -150,10 +158,14 @@ def main() -> None:
     print(f"\nmeasured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {peak_n}^3, best of 20 over the run)")
     print(f"\ntraining (batch {batch} x seq {seq}, fwd+bwd+AdamW, best of {train_steps * rounds} alternating steps):")
     for k in steps:
-        print(f"  {k:10s} {tps[k]:10.0f} tokens/s   MFU {tps[k] * fpt / peak * 100:5.1f}%"
-              + (f"   ({cps[k]:.0f} tokens per process-CPU-second)" if cpu else ""))
-    print(f"  speed-up VectorSLM / HF: {tps['VectorSLM'] / tps['HF Llama']:.2f}x wall-clock"
-          + (f", {cps['VectorSLM'] / cps['HF Llama']:.2f}x by CPU time" if cpu else ""))
+        print(
+            f"  {k:10s} {tps[k]:10.0f} tokens/s   MFU {tps[k] * fpt / peak * 100:5.1f}%"
+            + (f"   ({cps[k]:.0f} tokens per process-CPU-second)" if cpu else "")
+        )
+    print(
+        f"  speed-up VectorSLM / HF: {tps['VectorSLM'] / tps['HF Llama']:.2f}x wall-clock"
+        + (f", {cps['VectorSLM'] / cps['HF Llama']:.2f}x by CPU time" if cpu else "")
+    )
 
     # ---- decode throughput --------------------------------------------------------------------
     # back to the identical exported weights: Adam steps amplify rounding differences between the two
@@ -164,52 +176,74 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (1, 32), device=device)
     dec = {
         "VectorSLM": lambda: generate(ours, prompt, new_tokens, temperature=0),
-        "HF Llama": lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        do_sample=False, pad_token_id=0),
+        "HF Llama": lambda: hf.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        ),
     }
     a, b = dec["VectorSLM"](), dec["HF Llama"]()
     same = torch.equal(a, b)
     med = alternate(dec, device, rounds + 1)
     dtps = {k: new_tokens / w for k, (w, _) in med.items()}
     dcps = {k: new_tokens / c for k, (_, c) in med.items()}
-    print(f"\nKV-cached greedy decode (batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of "
-          f"{rounds + 1} alternating runs; identical tokens: {same}):")
+    print(
+        f"\nKV-cached greedy decode (batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of "
+        f"{rounds + 1} alternating runs; identical tokens: {same}):"
+    )
     for k in dec:
         print(f"  {k:10s} {dtps[k]:10.1f} tokens/s   {1000 / dtps[k]:6.2f} ms/token")
-    print(f"  speed-up VectorSLM / HF: {dtps['VectorSLM'] / dtps['HF Llama']:.2f}x wall-clock"
-          + (f", {dcps['VectorSLM'] / dcps['HF Llama']:.2f}x by CPU time" if cpu else ""))
+    print(
+        f"  speed-up VectorSLM / HF: {dtps['VectorSLM'] / dtps['HF Llama']:.2f}x wall-clock"
+        + (f", {dcps['VectorSLM'] / dcps['HF Llama']:.2f}x by CPU time" if cpu else "")
+    )
 
     # ---- decode latency vs context ------------------------------------------------------------
     def ours_latency(ctx: int) -> float:
         cache = ours.new_cache(1, ctx + lat_steps, device=device, dtype=dtype)
         tok = torch.zeros(1, 1, dtype=torch.long, device=device)
         ours(torch.randint(0, cfg.vocab_size, (1, ctx), device=device), cache=cache, logits_to_keep=1)
-        return min(timed(lambda: ours(tok, cache=cache, start_pos=ctx + i, logits_to_keep=1), device)[0]
-                   for i in range(lat_steps))
+        return min(
+            timed(lambda: ours(tok, cache=cache, start_pos=ctx + i, logits_to_keep=1), device)[0]
+            for i in range(lat_steps)
+        )
 
     def hf_latency(ctx: int) -> float:
         from transformers import DynamicCache
 
         pkv = DynamicCache(config=hf.config)
         tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-        hf(torch.randint(0, cfg.vocab_size, (1, ctx), device=device), past_key_values=pkv, use_cache=True,
-           logits_to_keep=1)
-        return min(timed(lambda: hf(tok, past_key_values=pkv, use_cache=True, logits_to_keep=1), device)[0]
-                   for _ in range(lat_steps))
+        hf(
+            torch.randint(0, cfg.vocab_size, (1, ctx), device=device),
+            past_key_values=pkv,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return min(
+            timed(lambda: hf(tok, past_key_values=pkv, use_cache=True, logits_to_keep=1), device)[0]
+            for _ in range(lat_steps)
+        )
 
     with torch.inference_mode():
-        lat = {(name, c): fn(c) for c in (128, 2048) for name, fn in (("VectorSLM", ours_latency), ("HF Llama", hf_latency))}
+        lat = {
+            (name, c): fn(c)
+            for c in (128, 2048)
+            for name, fn in (("VectorSLM", ours_latency), ("HF Llama", hf_latency))
+        }
         for name, fn in (("VectorSLM", ours_latency), ("HF Llama", hf_latency)):  # second look at the short context
             lat[name, 128] = min(lat[name, 128], fn(128))
     print(f"\nper-token decode latency, one forward with the KV cache (best of {lat_steps} steps):")
     for name in ("VectorSLM", "HF Llama"):
-        print(f"  {name:10s} context 128: {lat[name, 128] * 1000:6.2f} ms   context 2048: {lat[name, 2048] * 1000:6.2f} ms"
-              f"   ratio 2048/128: {lat[name, 2048] / lat[name, 128]:.2f}x")
+        print(
+            f"  {name:10s} context 128: {lat[name, 128] * 1000:6.2f} "
+            f"ms   context 2048: {lat[name, 2048] * 1000:6.2f} ms"
+            f"   ratio 2048/128: {lat[name, 2048] / lat[name, 128]:.2f}x"
+        )
     print(f"  VectorSLM / HF at context 2048: {lat['HF Llama', 2048] / lat['VectorSLM', 2048]:.2f}x faster")
     load1 = os.getloadavg()[0]
     if max(load0, load1) > (os.cpu_count() or 1):
-        print(f"\nWARNING: machine busy (load {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs); "
-              "absolute figures are depressed, ratios are noisier")
+        print(
+            f"\nWARNING: machine busy (load {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs); "
+            "absolute figures are depressed, ratios are noisier"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the local provider's node-type synthesis, setup-command merging) and ``validate_
 (EC2 lookups, key pairs) are skipped. Every check has a negative twin on a corrupted copy in
 tmp_path, so a test that cannot fail would show up as a failing negative test.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,9 +24,8 @@ from typing import Any
 import click
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
+import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
@@ -129,7 +129,7 @@ def check_search_space(space: Any) -> None:
             raise ValueError(f"param {path!r} is not a dotted pipeline field path")
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ValueError(f"{path}: expected exactly one distribution, got {spec!r}")
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         if kind not in DISTRIBUTIONS:
             raise ValueError(f"{path}: unknown distribution {kind!r}; allowed {sorted(DISTRIBUTIONS)}")
         if not isinstance(args, list):
@@ -275,7 +275,10 @@ def test_env_files_write_what_they_claim(tmp_path):
     subprocess.run(["bash", "-c", cmd], env=env, check=True)
     out = subprocess.run(
         ["bash", "-c", ". ~/.slmlab.env && echo $MLFLOW_TRACKING_URI $SLMLAB_STORAGE $RAY_AUTH_MODE"],
-        env=env, check=True, capture_output=True, text=True,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert out == ["http://10.1.2.3:5000", "/mnt/efs/slmlab/ray_results", "token"]
     # Without a head address the command must fail instead of writing an empty URI.
@@ -470,7 +473,7 @@ def test_search_space_is_well_formed(path):
 
     tune_space = load_space(path).tune_space()  # what `slmlab sweep` hands to Tune
     for param, spec in space["params"].items():
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         if kind == "grid":
             assert tune_space[param] == {"grid_search": args}
             continue
@@ -497,7 +500,10 @@ def test_search_space_contents():
     top_k = moe["params"]["model.moe.top_k"]["choice"]
     assert all(k <= e for k, e in itertools.product(top_k, experts))
     context = load_yaml(REPO / "search_spaces" / "context.yaml")
-    assert set(context["params"]) == {"model.context_dim", "data.seq_len", "model.n_layers"}
+    searched = {"model.context_dim", "data.seq_len", "model.n_layers"}
+    pinned = {"train.tokens_per_step", "train.eval_batches"}  # equal tokens and evaluated bytes per trial
+    assert set(context["params"]) == searched | pinned
+    assert all(len(context["params"][p]["choice"]) == 1 for p in pinned)
     for space in (moe, context):
         assert space["metric"] == "val/bpb" and space["mode"] == "min"
 
@@ -540,7 +546,7 @@ def check_space_against_pipeline(path: Path) -> None:
     base = _base_pipeline_for(space)
     axes = []
     for param, spec in space["params"].items():
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         values = args if kind in ("choice", "grid") else ([args[0], args[1] - 1] if kind == "randint" else args)
         axes.append([(param, v) for v in values])
     combos = list(itertools.product(*axes))

@@ -1,4 +1,5 @@
 """Pipeline config validation: every error names the file, the field path, expected and found."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_several_problems_are_all_reported(tmp_path, tiny_pipeline):
     raw["bogus"] = 1
     lines = error_lines(write(tmp_path, raw))
     assert len(lines) == 3
-    assert {l.split(": ")[1] for l in lines} == {"model.n_heads", "train.lr", "bogus"}
+    assert {ln.split(": ")[1] for ln in lines} == {"model.n_heads", "train.lr", "bogus"}
 
 
 def test_set_override_is_validated_too(tmp_path, tiny_pipeline):
@@ -89,4 +90,6 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_impossible_train_combination(tmp_path, tiny_pipeline):
     (line,) = error_lines(write(tmp_path, tiny_pipeline(train__offload_optimizer=True, train__zero_stage=0)))
-    assert line.endswith("train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0")
+    assert line.endswith(
+        "train.offload_optimizer: expected zero_stage >= 1 to offload optimizer states, found zero_stage=0"
+    )

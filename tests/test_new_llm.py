@@ -1,6 +1,6 @@
 """New-LLM: parallel scan == recurrence, causality, constant state, no attention, config errors, learns."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -41,11 +41,13 @@ def test_recurrent_step_matches_parallel_form(variant):
     with torch.no_grad():
         parallel = model({"input_ids": ids}).logits
         state = model.new_cache(2, T)
-        steps = torch.cat([model({"input_ids": ids[:, t:t + 1]}, cache=state, start_pos=t).logits for t in range(T)], dim=1)
+        steps = torch.cat(
+            [model({"input_ids": ids[:, t : t + 1]}, cache=state, start_pos=t).logits for t in range(T)], dim=1
+        )
         # chunked prefill (parallel form continuing from a state), then single steps, then a chunk again
         state = model.new_cache(2, T)
         mixed = [model({"input_ids": ids[:, :21]}, cache=state, start_pos=0).logits]
-        mixed += [model({"input_ids": ids[:, t:t + 1]}, cache=state, start_pos=t).logits for t in range(21, 24)]
+        mixed += [model({"input_ids": ids[:, t : t + 1]}, cache=state, start_pos=t).logits for t in range(21, 24)]
         mixed.append(model({"input_ids": ids[:, 24:]}, cache=state, start_pos=24).logits)
     torch.testing.assert_close(steps, parallel, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(mixed, dim=1), parallel, atol=1e-5, rtol=0)
@@ -64,8 +66,9 @@ def test_linear_scan_matches_python_loop_at_strongest_decay():
         ref.append(c)
     torch.testing.assert_close(linear_scan(log_a, b, c0), torch.stack(ref, 1), atol=1e-5, rtol=1e-5)
     # scalar decay broadcasts over channels; no decay is a running sum
-    torch.testing.assert_close(linear_scan(log_a[..., :1], b, c0)[:, -1],
-                               linear_scan(log_a[..., :1].expand(B, T, C), b, c0)[:, -1])
+    torch.testing.assert_close(
+        linear_scan(log_a[..., :1], b, c0)[:, -1], linear_scan(log_a[..., :1].expand(B, T, C), b, c0)[:, -1]
+    )
     torch.testing.assert_close(linear_scan(None, b, c0), c0[:, None] + b.cumsum(1))
 
 
@@ -126,8 +129,13 @@ def test_config_validation_errors_carry_field_location():
     with pytest.raises(ValidationError) as e:
         cfg.gate = "none"  # validate_assignment: the same rule from the other side
     assert e.value.errors()[0]["loc"] == ("gate",)
-    for bad, loc in [({"gate": "matrix"}, ("gate",)), ({"norm": "batchnorm"}, ("norm",)), ({"context_dim": 0}, ("context_dim",)),
-                     ({"init_std": 0.0}, ("init_std",)), ({"contxt_dim": 4}, ("contxt_dim",))]:
+    for bad, loc in [
+        ({"gate": "matrix"}, ("gate",)),
+        ({"norm": "batchnorm"}, ("norm",)),
+        ({"context_dim": 0}, ("context_dim",)),
+        ({"init_std": 0.0}, ("init_std",)),
+        ({"contxt_dim": 4}, ("contxt_dim",)),
+    ]:
         with pytest.raises(ValidationError) as e:
             NewLLMConfig(**{**base, **bad})
         assert e.value.errors()[0]["loc"] == loc

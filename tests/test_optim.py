@@ -1,4 +1,5 @@
 """Optimizer, schedule and DeepSpeed configuration built from the typed train config."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def test_norms_and_biases_are_not_decayed():
 
 
 def test_deepspeed_config_follows_the_train_config():
-    cfg = TrainConfig(micro_batch_size=4, grad_accum_steps=3, zero_stage=2, precision="bf16", offload_optimizer=True, grad_clip=0.5)
+    cfg = TrainConfig(
+        micro_batch_size=4, grad_accum_steps=3, zero_stage=2, precision="bf16", offload_optimizer=True, grad_clip=0.5
+    )
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]

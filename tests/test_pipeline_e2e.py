@@ -2,6 +2,7 @@
 
 Slow tier: every test here starts real Ray Train runs (~20-40 s each on 2 cores).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,14 @@ def history(client, run_id, key):
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-FINETUNE = {"data": {"sources": [{"kind": "embedded", "format": "chat", "max_documents": 200}], "seq_len": 32, "val_fraction": 0.1},
-            "train": {"max_steps": 4, "eval_every": 2, "checkpoint_every": 4, "lr": 0.003}}
+FINETUNE = {
+    "data": {
+        "sources": [{"kind": "embedded", "format": "chat", "max_documents": 200}],
+        "seq_len": 32,
+        "val_fraction": 0.1,
+    },
+    "train": {"max_steps": 4, "eval_every": 2, "checkpoint_every": 4, "lr": 0.003},
+}
 
 
 @pytest.fixture(scope="module")

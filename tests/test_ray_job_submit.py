@@ -1,4 +1,5 @@
 """`ray job submit` against a local head on 127.0.0.1: the documented cluster entry point."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,21 @@ def local_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--port={free_port()}",
-           f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--port={free_port()}",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     started = subprocess.run(cmd, env=env, timeout=180, capture_output=True, text=True)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
@@ -75,14 +88,27 @@ def test_pipeline_runs_under_ray_job_submit(local_head, tmp_path):
     address, env = local_head
     with urllib.request.urlopen(f"{address}/api/version", timeout=30) as resp:  # dashboard answers on loopback
         assert resp.status == 200
-    nodes = json.loads(subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"], env=env,
-                                      check=True, capture_output=True, text=True, timeout=120).stdout)
+    nodes = json.loads(
+        subprocess.run(
+            [RAY, "list", "nodes", "--address", address, "--format", "json"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    )
     assert [n["node_ip"] for n in nodes] == ["127.0.0.1"]
 
     pipeline = tmp_path / "tiny.yaml"
     pipeline.write_text(yaml.safe_dump(tiny_pipeline_dict(tmp_path, train__max_steps=4, train__checkpoint_every=4)))
-    job = subprocess.run([RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "slmlab.cli", "run", str(pipeline)],
-                         env=env, capture_output=True, text=True, timeout=900)
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "slmlab.cli", "run", str(pipeline)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
 

@@ -1,4 +1,5 @@
 """VectorSLM: config validation, forward/loss contract, KV-cache consistency, dtype handling."""
+
 import math
 
 import pytest
@@ -123,9 +124,13 @@ def test_cache_prefill_chunks_and_decode_match_full_forward(moe):
     with torch.no_grad():
         full = model({"input_ids": ids}).logits
         cache = model.new_cache(2, 32)
-        parts = [model({"input_ids": ids[:, :7]}, cache=cache, start_pos=0).logits,  # prefill (causal)
-                 model({"input_ids": ids[:, 7:12]}, cache=cache, start_pos=7).logits]  # chunk with explicit mask
-        parts += [model({"input_ids": ids[:, t:t + 1]}, cache=cache, start_pos=t).logits for t in range(12, 20)]  # decode
+        parts = [
+            model({"input_ids": ids[:, :7]}, cache=cache, start_pos=0).logits,  # prefill (causal)
+            model({"input_ids": ids[:, 7:12]}, cache=cache, start_pos=7).logits,
+        ]  # chunk with explicit mask
+        parts += [
+            model({"input_ids": ids[:, t : t + 1]}, cache=cache, start_pos=t).logits for t in range(12, 20)
+        ]  # decode
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -100,13 +100,13 @@ def _log_start(client, run_id: str, cfg: PipelineConfig, shards: Shards) -> None
     client.log_artifact(run_id, str(shards.tokenizer_path.parent / "tokenizer_config.json"), "model")
 
 
-def train_run(spec: RunSpec, progress: Progress = print, callbacks=None) -> RunResult:
+def train_run(spec: RunSpec, progress: Progress = print, callbacks=None, datasets=None) -> RunResult:
     """Train one run to its end (or to train.stop_at_step), then finish and register it."""
     from slmlab.train.launch import build_trainer
 
     spec = start_run(spec)
     cfg, client = spec.cfg, client_for(spec.cfg.run_dir)
-    trainer = build_trainer(spec, tracking_uri=tracking_uri(cfg.run_dir), callbacks=callbacks)
+    trainer = build_trainer(spec, tracking_uri=tracking_uri(cfg.run_dir), callbacks=callbacks, datasets=datasets)
     progress(
         f"train: {spec.label}: Ray Train run {spec.run_name} ({cfg.train.num_workers} worker(s), "
         f"DeepSpeed ZeRO-{cfg.train.zero_stage}, {cfg.train.precision})"

@@ -34,20 +34,21 @@ from slmlab.lifecycle import RunResult, RunSpec, train_run
 Progress = Callable[[str], None]
 
 
-def capacity(spec: RunSpec, max_concurrent: int | None = None) -> int:
-    """How many runs like ``spec`` the cluster holds at once (at least 1, at most max_concurrent)."""
+def capacity(spec: RunSpec, max_concurrent: int | None = None, reserve_cpus: float = 0.0) -> int:
+    """How many runs like ``spec`` the cluster holds at once (at least 1, at most max_concurrent),
+    leaving ``reserve_cpus`` free (for read tasks of data that streams during training)."""
     import ray
 
     total = ray.cluster_resources()
     tc = spec.cfg.train
-    fits = math.floor(total.get("CPU", 0) / (tc.num_workers * tc.cpus_per_worker) + 1e-9)
+    fits = math.floor((total.get("CPU", 0) - reserve_cpus) / (tc.num_workers * tc.cpus_per_worker) + 1e-9)
     if tc.use_gpu:
         fits = min(fits, math.floor(total.get("GPU", 0) / tc.num_workers))
     return max(1, min(fits, max_concurrent or fits))
 
 
-def _remote_train(spec: RunSpec) -> RunResult:
-    return train_run(spec, progress=lambda m: print(f"[slmlab] {m}", flush=True))
+def _remote_train(spec: RunSpec, datasets: dict) -> RunResult:
+    return train_run(spec, progress=lambda m: print(f"[slmlab] {m}", flush=True), datasets=datasets)
 
 
 def train_concurrently(
@@ -72,7 +73,19 @@ def train_concurrently(
         name="slmlab-run",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
     )
-    limit = capacity(specs[0], max_concurrent)
+    # Every run's data is read here, before any run starts: a read task launched while the other
+    # runs' workers hold every CPU waits forever (its file listing asks for a whole CPU; PR #41603).
+    # Small shards are materialized (the driver owns them); larger ones stream, and then one CPU
+    # stays free for their reads.
+    from slmlab.train.launch import ingest, streams
+
+    data: dict[tuple, dict] = {}
+    for spec in specs:
+        key = (str(spec.train_dir), str(spec.shards.val_dir))
+        if key not in data:
+            data[key] = ingest(spec)
+    streaming = any(streams(d) for d in data.values())
+    limit = capacity(specs[0], max_concurrent, reserve_cpus=1.0 if streaming else 0.0)
     progress(f"runs: {len(specs)} independent run(s), {limit} at a time")
     waiting, running, results = list(specs), {}, {}
     while waiting or running:
@@ -86,7 +99,7 @@ def train_concurrently(
                 )
                 progress(f"runs: {spec.label} FAILED: {results[spec.label].error}")
                 continue
-            running[task.remote(spec)] = spec
+            running[task.remote(spec, data[(str(spec.train_dir), str(spec.shards.val_dir))])] = spec
         if not running:
             break
         done, _ = ray.wait(list(running), num_returns=1)

@@ -10,6 +10,7 @@ Contents, top to bottom:
     RMSNorm, RotaryEmbedding / apply_rotary, KVCache, Attention, SwiGLU,
     MoEConfig, MoEAux, MoEFeedForward
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,6 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from slmlab.schema import StrictConfig
-
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation
@@ -69,7 +69,9 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Bit-for-bit HF's default rope: inv_freq = 1 / theta^(2i/d), freqs = pos * inv_freq in fp32.
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim)
+        )
         pos = torch.arange(self.max_seq_len, dtype=torch.float, device=device)
         freqs = pos[:, None] * inv_freq[None, :]
         return freqs.cos(), freqs.sin()
@@ -112,8 +114,16 @@ class KVCache:
     step never reallocates or copies the history (cost does not grow with reallocations).
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -148,8 +158,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
@@ -173,8 +184,9 @@ class Attention(nn.Module):
             causal = False
             q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
             mask = torch.arange(start_pos + T, device=x.device)[None, :] <= q_pos[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -51,6 +51,7 @@ What it costs:
     the O(context_dim) a nonlinear recurrence trained by a Python loop would store per *step* (the
     loop stores the same in total, plus being T times more sequential).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,12 @@ class NewLLMConfig(FamilyConfig):
     context_dim: int = Field(512, ge=1)  # size of each layer's context vector = the model's whole memory per layer
     n_layers: int = Field(8, ge=1)  # depth; also the number of nonlinear context->write rounds (see docstring)
     ffn_hidden: int = Field(1536, ge=1)  # SwiGLU width of the read FFN on [context, token]; most parameters live here
-    gate: Literal["none", "scalar", "vector"] = "vector"  # decay of the old context: none = running sum, else learned forgetting
-    norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"  # token stream and context read; keeps a growing sum usable
+    gate: Literal["none", "scalar", "vector"] = (
+        "vector"  # decay of the old context: none = running sum, else learned forgetting
+    )
+    norm: Literal["rmsnorm", "layernorm", "none"] = (
+        "rmsnorm"  # token stream and context read; keeps a growing sum usable
+    )
     norm_eps: float = Field(1e-5, gt=0)  # epsilon of the norms; guards tiny activations
     tie_embeddings: bool = True  # share input embedding and output head: saves vocab*dim params at small scale
     init_std: float = Field(0.02, gt=0)  # std of the normal init; the FFN's residual output gets /sqrt(2*n_layers)
@@ -98,8 +103,10 @@ class NewLLMConfig(FamilyConfig):
     def _sum_needs_norm_on_assignment(cls, gate: str, info: ValidationInfo) -> str:
         # norm is declared after gate, so this only fires on assignment (cfg.gate = "none" with norm "none")
         if gate == "none" and info.data.get("norm") == "none":
-            raise ValueError("expected 'scalar' or 'vector' when norm='none' "
-                             "(gate='none' makes the context an unbounded running sum), found 'none'")
+            raise ValueError(
+                "expected 'scalar' or 'vector' when norm='none' "
+                "(gate='none' makes the context an unbounded running sum), found 'none'"
+            )
         return gate
 
     @field_validator("norm")
@@ -108,8 +115,10 @@ class NewLLMConfig(FamilyConfig):
         # gate="none" makes the context a running sum whose size grows with t; read unnormalised, the
         # FFN input scale would depend on position and explode over long sequences.
         if norm == "none" and info.data.get("gate") == "none":
-            raise ValueError("expected 'rmsnorm' or 'layernorm' when gate='none' "
-                             "(the context is an unbounded running sum), found 'none'")
+            raise ValueError(
+                "expected 'rmsnorm' or 'layernorm' when gate='none' "
+                "(the context is an unbounded running sum), found 'none'"
+            )
         return norm
 
 
@@ -263,19 +272,26 @@ class NewLLM(LanguageModel):
                 half_life = float(cfg.max_seq_len) ** t
                 layer.decay.bias.copy_(torch.logit(math.log(2) / (MAX_FORGET * half_life)))
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None,
-                  dtype: torch.dtype | None = None) -> NewLLMState:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype: torch.dtype | None = None
+    ) -> NewLLMState:
         """Zero context for batch_size sequences. ``max_len`` is accepted for the generic generator
         and ignored: the state does not grow with length. Kept in fp32 (fp64 if asked) whatever the
         model dtype, since it accumulates over the whole sequence."""
         p = self.tok_emb.weight
         dtype = torch.promote_types(dtype or p.dtype, torch.float32)
-        context = torch.zeros(self.cfg.n_layers, batch_size, self.cfg.context_dim,
-                              device=device if device is not None else p.device, dtype=dtype)
+        context = torch.zeros(
+            self.cfg.n_layers,
+            batch_size,
+            self.cfg.context_dim,
+            device=device if device is not None else p.device,
+            dtype=dtype,
+        )
         return NewLLMState(context)
 
-    def forward(self, batch: Batch, *, cache: NewLLMState | None = None, start_pos: int = 0,
-                logits_to_keep: int = 0) -> ModelOutput:
+    def forward(
+        self, batch: Batch, *, cache: NewLLMState | None = None, start_pos: int = 0, logits_to_keep: int = 0
+    ) -> ModelOutput:
         """batch["input_ids"] (batch, seq). With ``cache`` the sequence continues from the cached context (which
         must hold exactly ``start_pos`` tokens) and the cache is advanced in place; gradients do not
         flow into the cache. Without it, positions are irrelevant (no positional embeddings) and
@@ -284,8 +300,10 @@ class NewLLM(LanguageModel):
         input_ids, labels = batch["input_ids"], batch.get("labels")
         if cache is not None:
             if start_pos != cache.pos:
-                raise ValueError(f"start_pos: the New-LLM state holds {cache.pos} tokens and cannot rewind or "
-                                 f"skip; expected start_pos={cache.pos}, found {start_pos}")
+                raise ValueError(
+                    f"start_pos: the New-LLM state holds {cache.pos} tokens and cannot rewind or "
+                    f"skip; expected start_pos={cache.pos}, found {start_pos}"
+                )
             if cache.context.size(1) != input_ids.size(0):
                 raise ValueError(f"cache is for batch size {cache.context.size(1)}, input has {input_ids.size(0)}")
         x = self.tok_emb(input_ids)

@@ -24,6 +24,7 @@ rename table (``slmlab.hf_interop`` applies it), with fused tensors split along 
     norm.weight                            model.norm.weight
     lm_head.weight                         lm_head.weight   (written only when untied)
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,6 @@ from slmlab.models.base import (
     register_family,
 )
 from slmlab.models.layers import Attention, KVCache, MoEConfig, MoEFeedForward, RMSNorm, RotaryEmbedding, SwiGLU
-
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -125,8 +125,11 @@ class VectorSLM(LanguageModel):
         super().__init__()
         self.cfg = cfg
         # rotary tables bound the positions; the layout is Llama's, or Mixtral's with MoE
-        self.capabilities = Capabilities(generation=True, max_positions=cfg.max_seq_len,
-                                         hf_export="MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM")
+        self.capabilities = Capabilities(
+            generation=True,
+            max_positions=cfg.max_seq_len,
+            hf_export="MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
+        )
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -150,19 +153,30 @@ class VectorSLM(LanguageModel):
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Static KV cache for generation: max_len positions for each of batch_size sequences."""
         p = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                       device=device if device is not None else p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            self.cfg.n_layers,
+            batch_size,
+            self.cfg.n_kv_heads,
+            max_len,
+            self.cfg.head_dim,
+            device=device if device is not None else p.device,
+            dtype=dtype or p.dtype,
+        )
 
-    def forward(self, batch: Batch, *, cache: KVCache | None = None, start_pos: int = 0,
-                logits_to_keep: int = 0) -> ModelOutput:
+    def forward(
+        self, batch: Batch, *, cache: KVCache | None = None, start_pos: int = 0, logits_to_keep: int = 0
+    ) -> ModelOutput:
         """batch["input_ids"] (batch, seq) at positions [start_pos, start_pos+seq). With ``cache`` the keys/values
         are stored there and earlier positions are read from it. ``labels`` are aligned with the
         logits (labels[t] is the target at t). ``logits_to_keep=n`` computes only the last n logits
         (generation needs 1). Metrics (aux losses, expert load) are reported when labels are given."""
         input_ids, labels = batch["input_ids"], batch.get("labels")
         x = self.tok_emb(input_ids)
-        cos, sin = self.rope(start_pos, input_ids.size(1), x.dtype if not torch.is_autocast_enabled(x.device.type)
-                             else torch.get_autocast_dtype(x.device.type))
+        cos, sin = self.rope(
+            start_pos,
+            input_ids.size(1),
+            x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type),
+        )
         auxes = []
         for layer in self.layers:
             x, aux = layer(x, cos, sin, cache, start_pos)

@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from slmlab.config import PipelineConfig
 from slmlab.train.loop import train_loop_per_worker
+from slmlab.train.rendezvous import torch_config
 
 if TYPE_CHECKING:
     from slmlab.lifecycle import RunSpec
@@ -29,16 +30,27 @@ def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
     materialized up front: training then needs no read tasks at all, which matters on small
     machines where a read task waiting for a whole CPU next to the train workers can starve
     (a streaming read's file listing always asks for 1 CPU). Large corpora stream."""
-    ds = ray.data.read_parquet(str(folder), ray_remote_args={"num_cpus": 0.25})
+    ds = ray.data.read_parquet(str(folder), num_cpus=0.25)
     size = sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
     return ds.materialize() if always_materialize or size <= MATERIALIZE_BELOW_BYTES else ds
 
 
-def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None) -> TorchTrainer:
-    """The Ray Train run of one :class:`slmlab.lifecycle.RunSpec` (its name must be set)."""
+def ingest(spec: "RunSpec") -> dict[str, ray.data.Dataset]:
+    """The datasets a run trains and validates on (see :func:`_ingest`)."""
+    return {"train": _ingest(spec.train_dir), "val": _ingest(spec.shards.val_dir, always_materialize=True)}
+
+
+def streams(datasets: dict[str, ray.data.Dataset]) -> bool:
+    """Whether training will still need read tasks (a dataset too large to materialize)."""
+    return any(not isinstance(ds, ray.data.MaterializedDataset) for ds in datasets.values())
+
+
+def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None, datasets=None) -> TorchTrainer:
+    """The Ray Train run of one :class:`slmlab.lifecycle.RunSpec` (its name must be set). ``datasets``
+    already ingested by the caller (concurrent runs read their data in the driver) or read here."""
     cfg = spec.cfg
     tc = cfg.train
-    datasets = {"train": _ingest(spec.train_dir), "val": _ingest(spec.shards.val_dir, always_materialize=True)}
+    datasets = datasets or ingest(spec)
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # same blocks in the same order every epoch: resumes replay exactly
     # fault-injection knobs (tests of FailureConfig) travel to the workers; nothing else is forwarded
@@ -60,6 +72,7 @@ def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None) -> Torc
             "mlflow_run_id": spec.mlflow_run_id,
             "init_from": init,  # weights to start from (fine-tuning, a frozen trunk)
         },
+        torch_config=torch_config(),  # the rendezvous store on 127.0.0.1 when the workers share a node
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=options),

@@ -108,8 +108,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step, epoch, micro_in_epoch = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        from slmlab.train.safe_resume import load_checkpoint
+
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag="ds")
+            load_checkpoint(engine, ckpt_dir, tag="ds")  # weights_only: shared storage is a trust boundary
             state = json.loads(Path(ckpt_dir, CLIENT_STATE).read_text())
         step, epoch, micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         if rank == 0:

@@ -271,6 +271,19 @@ def test_a_missing_registered_teacher_names_the_command_that_trains_it(tmp_path)
         run_teacher(TeacherStage(teacher="models:/nowhere", train_if_missing=False), ctx)
 
 
+def test_pipeline_errors_name_the_stage_field(tmp_path):
+    from slmlab.config import ConfigError, validate_pipeline
+
+    raw = move_pipeline(tmp_path, "models:/t")
+    raw["stages"][1] = {**TINY_MODULES, "modules": ["attention", "mlp"]}
+    with pytest.raises(ConfigError, match=r"stages\.1\..*modules\.1: expected 'embedding', 'position', 'attention', "
+                                          r"'ffn' or 'decoder', found 'mlp'"):
+        validate_pipeline(raw, "move.yaml")
+    raw["stages"][1] = {**TINY_MODULES, "train": {"lrr": 0.1}}
+    with pytest.raises(ConfigError, match=r"stages\.1\..*train\.lrr: expected no such field"):
+        validate_pipeline(raw, "move.yaml")
+
+
 def _summary(cfg):
     from slmlab.tracking import client_for
 
@@ -338,3 +351,26 @@ def test_move_pipeline_runs_on_a_transformers_llama_folder(ray_local, tmp_path):
     run_stages(cfg, progress=lambda m: None)
     names = _check_metric_set(cfg)
     assert {"move/cos/attention", "move/cos/ffn", "move/cos/position", "move/bpb/swap_decoder"} <= names
+
+
+def test_report_figures_plot_cosine_by_layer_and_bpb_by_swap(tmp_path):
+    import base64
+
+    from slmlab.stages.move import report_figures
+    from slmlab.tracking import MetricsLogger, client_for, ensure_experiment
+
+    client = client_for(tmp_path)
+    exp = ensure_experiment(client, "m", tmp_path)
+    assert report_figures(client, exp) == []
+    run = client.create_run(exp, tags={"slmlab.role": "move-summary"}).info.run_id
+    metrics = {"move/bpb/teacher": 2.0, "move/bpb/assembled": 2.3, "move/bpb/distilled": 2.1,
+               **{f"move/bpb/swap_{k}": 2.05 for k in MODULE_KINDS},
+               "move/cos/embedding/teacher_in/module": 0.97, "move/cos/decoder/student_in/assembled": 0.9}
+    for kind in ("position", "attention", "ffn"):
+        for i in range(2):
+            metrics[f"move/cos/{kind}/layer{i}/teacher_in/module"] = 0.96
+            metrics[f"move/cos/{kind}/layer{i}/student_in/assembled"] = 0.9 - 0.1 * i
+    MetricsLogger.for_client(client, run).log(metrics, step=0)
+    figs = report_figures(client, exp)
+    assert [t.split(":")[0] for t, _ in figs] == ["MoVE", "MoVE"]
+    assert all(base64.b64decode(png)[:4] == b"\x89PNG" for _, png in figs)

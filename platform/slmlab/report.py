@@ -67,6 +67,7 @@ def _family_figures(client, run) -> dict:
     run's ``report/`` artefact folder (e.g. accuracy per question type), embedded as they are."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a report is one line of output
     figures = []
     try:
         for f in client.list_artifacts(run.info.run_id, "report"):

@@ -61,10 +61,12 @@ class ImageSourceConfig(StrictConfig):
     path: str | None = None  # jsonl/parquet file or folder; folder: images + metadata.jsonl
     image_field: str = "image"  # record column holding the image path (relative to the record file) or bytes
     repeat: int = Field(1, ge=1)  # training copies of each image (re-drawn questions): small sources get more steps
+    shift: int = Field(0, ge=0)  # training copies move by up to this many pixels (at image_size): augmentation
+    # for small sources (digits); 0 for scenes, whose left/right answers a shift could change
     max_images: int | None = Field(None, ge=1)  # cap, for quick experiments
     n_train: int = Field(4000, ge=1)  # shapes: training scenes
     n_val: int = Field(300, ge=1)  # shapes: held-out scenes
-    questions_per_image: int = Field(8, ge=1)  # shapes: questions drawn per training copy of a scene
+    questions_per_image: int = Field(8, ge=1)  # questions drawn (without replacement) per training copy of an image
 
     @model_validator(mode="after")
     def _path(self) -> "ImageSourceConfig":
@@ -304,6 +306,13 @@ def load_image(image: str | bytes, size: int, channels: int = 3) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
+def _shifted(pix: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """The image moved by (dx, dy) pixels, the border repeated into the gap (digits: black stays black)."""
+    c, h, w = pix.shape
+    pad = np.pad(pix, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx))), mode="edge")
+    return pad[:, abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w].copy()
+
+
 def _rows_of(qa: list, caption: str | None, task: str, rng: random.Random, copies: int, per_copy: int | None):
     """Text of each training row: lists of (question, answer) turns."""
     rows = []
@@ -372,14 +381,15 @@ class EncodeAndWrite:
             qa = json.loads(batch["qa"][i])
             rng = random.Random(f"{batch['seed'][i]}/{name}")
             copies = int(batch["repeat"][i]) if split == "train" else 1
-            per_copy = int(batch["per_copy"][i]) or None
+            per_copy, shift = int(batch["per_copy"][i]) or None, int(batch["shift"][i]) if split == "train" else 0
             stats["images"][split] += 1
-            for turns in _rows_of(qa, batch["caption"][i] or None, cfg.task, rng, copies, per_copy):
+            for copy, turns in enumerate(_rows_of(qa, batch["caption"][i] or None, cfg.task, rng, copies, per_copy)):
+                moved = _shifted(pix, rng.randint(-shift, shift), rng.randint(-shift, shift)) if shift and copy else pix
                 for ids, mask, used in self._rows(turns):
                     r = rows[split]
                     r["input_ids"].append(ids)
                     r["target_mask"].append(mask)
-                    r["pixel_values"].append(pix)
+                    r["pixel_values"].append(moved)
                     stats["rows"][split] += 1
                     stats["tokens"][split] += int((ids != self.pad).sum())
                     stats["targets"][split] += int(mask.sum())
@@ -442,7 +452,8 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
             recs, bad = _read_records(src, i, seed, cfg.val_fraction)
             labels.append(src.kind if not src.path else f"{src.kind}:{src.path}")
             for r in recs:
-                r.update(source=i, repeat=src.repeat, per_copy=src.questions_per_image if src.kind == "shapes" else 0)
+                r.update(source=i, repeat=src.repeat, shift=src.shift,
+                         per_copy=src.questions_per_image)
             records += recs
             bad_records += bad
         random.Random(seed).shuffle(records)  # sources interleave in the rows; same seed, same order
@@ -451,7 +462,7 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
                   "image_bytes": r["image"] if isinstance(r["image"], bytes) else b"",
                   "image_path": r["image"] if isinstance(r["image"], str) else "",
                   "caption": r["caption"] or "", "qa": json.dumps(r["qa"]), "repeat": r["repeat"],
-                  "per_copy": r["per_copy"]} for j, r in enumerate(records)]
+                  "shift": r["shift"], "per_copy": r["per_copy"]} for j, r in enumerate(records)]
         progress(f"images: decoding {len(items):,} images from {len(cfg.sources)} source(s) on Ray Data "
                  f"({cfg.image_size}x{cfg.image_size}, task {cfg.task})")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

@@ -179,7 +179,7 @@ def _figures(acc: dict[str, float], moe: dict[str, float], n_layers: int, n_expe
         ax.set(title=f"layer {i}", xlabel="expert", xticks=list(xs))
     axes[0][0].set_ylabel("share of token-slots")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Expert utilisation by modality (held-out)")
+    fig.suptitle("Expert utilisation by modality (held-out)", y=1.04)
     out["expert_share_by_modality.png"] = png(fig)
     return out
 

@@ -279,3 +279,115 @@ def test_hidden_gates_route_each_partition_to_its_own_expert(tmp_path):
         top1 = torch.tensor(stats["top1"][layer])
         assert (top1.diagonal() > 0.5).all(), f"layer {layer}: {top1}"  # mostly to its own expert
         assert torch.tensor(stats["load"][layer]).sum().item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline end to end: real Ray Train runs (experts concurrently), MLflow, export to transformers
+
+
+def _forge_pipeline(tiny_pipeline, **stage_overrides) -> dict:
+    raw = tiny_pipeline(name="forge")
+    raw["data"]["partition"] = {"method": "topic", "num_partitions": 2}
+    raw["model"]["ffn_hidden"] = 48
+    raw["stages"] = [
+        {"kind": "partition", "num_experts": 2},
+        {"kind": "trunk", "train": {"max_steps": 8}},
+        {"kind": "experts", "train": {"max_steps": 6}},
+        {"kind": "assemble", "top_k": 2, "calibration_sequences": 2},
+        {"kind": "evaluate", "router_train": {"max_steps": 4}, "eval_batches": 4},
+    ]
+    for i, fields in stage_overrides.items():
+        raw["stages"][int(i.removeprefix("stage"))].update(fields)
+    return raw
+
+
+def test_bad_pipelines_fail_before_anything_trains(tiny_pipeline):
+    from slmlab.config import validate_pipeline
+    from slmlab.stages.modularforge import check_pipeline
+
+    assert check_pipeline(validate_pipeline(_forge_pipeline(tiny_pipeline))) == []
+    wrong_n = validate_pipeline(_forge_pipeline(tiny_pipeline, stage0={"num_experts": 3}))
+    assert check_pipeline(wrong_n) == [
+        "stages.0.num_experts: expected data.partition.num_partitions=2 (one expert per partition), found 3"]
+    big_k = validate_pipeline(_forge_pipeline(tiny_pipeline, stage3={"top_k": 3}))
+    assert check_pipeline(big_k) == ["stages.3.top_k: expected at most the number of experts N=2, found 3"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_pipeline_trains_experts_concurrently_assembles_and_exports(tiny_pipeline, ray_local, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+    from typer.testing import CliRunner
+
+    from slmlab.cli import app
+    from slmlab.config import validate_pipeline
+    from slmlab.data.tokenizer import load_tokenizer
+    from slmlab.generation import generate
+    from slmlab.hf_interop import export_hf
+    from slmlab.pipeline import run_stages
+    from slmlab.tracking import client_for, resolve_model_dir
+
+    cfg = validate_pipeline(_forge_pipeline(tiny_pipeline))
+    results = run_stages(cfg, progress=print)
+    client = client_for(cfg.run_dir)
+    exp = client.get_experiment_by_name("forge")
+    runs = client.search_runs([exp.experiment_id])
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("slmlab.role"), []).append(r)
+
+    # the trunk, and N expert child runs under the experts stage's parent, two of them at once
+    assert len(by_role["modularforge-trunk"]) == 1
+    experts = by_role["modularforge-expert"]
+    parent = results["experts"].runs["expert-0"]
+    assert len(experts) == 2 and all(r.info.status == "FINISHED" for r in experts)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in experts}
+    assert len(parents) == 1 and client.get_run(parents.pop()).data.tags["slmlab.role"] == "stage-parent"
+    assert results["experts"].outputs["max_concurrent_runs"] >= 2
+    for r in experts:
+        assert {"expert/own_partition_bpb", "expert/all_val_bpb"} <= set(r.data.metrics)
+        art = Path(mlflow_download(cfg, r.info.run_id, "expert/expert.safetensors"))
+        assert set(load_file(str(art))) == set(expert_shapes(cfg.model))  # the expert's tensors only
+    assert parent.status == "FINISHED"
+
+    # the registered MoE, and the six-way comparison in the same experiment
+    uri = results["assemble"].outputs["model_uri"]
+    assert uri.startswith("models:/forge-moe/")
+    comparison = by_role["modularforge-comparison"][0].data.metrics
+    for row in ("assembled", "uniform", "oracle", "dense", "router-only", "expert-0", "expert-1"):
+        assert math.isfinite(comparison[f"compare/{row}_bpb"]), row
+    assert "routing/layer0/entropy" in comparison and "compare/gap_vs_dense" in comparison
+    dense = client.get_run(results["evaluate"].runs["dense"].mlflow_run_id)
+    assert int(dense.data.params["train.max_steps"]) == 8 + 2 * 6  # trunk + experts: the same total tokens
+
+    # exported as MixtralForCausalLM: logits parity, and greedy generation equals `slmlab generate -t 0`
+    folder = resolve_model_dir(uri, cfg.run_dir)
+    from slmlab.train.checkpoint import load_model_dir
+
+    mcfg, ours = load_model_dir(folder)
+    export_hf(ours, mcfg, tmp_path / "hf", tokenizer_file=folder / "tokenizer.json")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf, MixtralForCausalLM)
+    ids = torch.randint(0, mcfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours({"input_ids": ids}).logits - hf(ids).logits).abs().max().item() <= 1e-4
+    tok = load_tokenizer(folder / "tokenizer.json")
+    prompt = torch.tensor([tok.encode("The ", add_special_tokens=False).ids])
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)  # stops where slmlab does (eos, end of turn)
+    stops = hf.generation_config.eos_token_id
+    assert torch.equal(theirs, generate(ours, prompt, 12, temperature=0, stop_token_ids=stops))
+    shown = CliRunner().invoke(app, ["generate", uri, "--prompt", "The ", "-t", "0", "-n", "12",
+                                     "--run-dir", cfg.run_dir])
+    assert shown.exit_code == 0, shown.output
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    continuation = hf_tok.decode(theirs[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert shown.stdout.strip() == ("The " + continuation).strip()
+
+
+def mlflow_download(cfg, run_id: str, path: str) -> str:
+    import mlflow
+
+    from slmlab.tracking import tracking_uri
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                               tracking_uri=tracking_uri(cfg.run_dir))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmlab.errors import SlmlabError
+from slmlab.models.layers import RotaryEmbedding
 from slmlab.models.modularforge import assembled_config, expert_shapes, is_expert_tensor, trunk_config
 from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig
 from slmlab.train.checkpoint import CONFIG_FILE, MODEL_FILE
@@ -224,6 +225,29 @@ def load_expert_model(trunk_dir: str | Path, expert_file: str | Path) -> VectorS
     return model.eval()
 
 
+def write_trunk_view(trunk_dir: str | Path, out_dir: str | Path) -> Path:
+    """The trunk without its FFNs (model.safetensors + model_config.json): what an expert run warm-starts
+    from when its FFNs start fresh (the missing ``layers.{i}.ffn.`` tensors keep their initialisation)."""
+    trunk_dir, out_dir = Path(trunk_dir), Path(out_dir)
+    src = TensorFile(trunk_dir / MODEL_FILE)
+    names = [n for n in src.entries if not is_expert_tensor(n)]
+    tmp = _temp_dir(out_dir)
+    try:
+        specs = {n: (src.entries[n][0], src.shape(n)) for n in names}
+        with StreamingWriter(tmp / MODEL_FILE, specs, {"format": "pt", "slmlab.kind": "modularforge-trunk-view"}) as w:
+            for n in names:
+                w.write(n, src.read(n))
+            w.commit()
+        shutil.copy2(trunk_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------------
 # Inputs and their checks
 
@@ -402,14 +426,14 @@ def _pass_a(skel: VectorSLM, readers: list[TensorFile], calib: Sequence[Calibrat
     targets = _new_stats(cfg)
     if gate_source == "trunk":  # the trunk's own FFN is in the slots
         for e in range(N):
-            s = collect_stats(skel, calib[e], _new_stats(cfg))
+            s = collect_stats(skel, calib[e], _new_stats(cfg), batch=1)
             means[e] = torch.stack(s.router) / max(s.n, 1.0)
     if gate_source == "expert" or need_targets:
         for e, r in enumerate(readers):
             for i, layer in enumerate(skel.layers):
                 r.read_into(f"layers.{i}.ffn.w_gate_up.weight", layer.ffn.w_gate_up.weight.data)
                 r.read_into(f"layers.{i}.ffn.w_down.weight", layer.ffn.w_down.weight.data)
-            s = collect_stats(skel, calib[e], _new_stats(cfg))
+            s = collect_stats(skel, calib[e], _new_stats(cfg), batch=1)
             if gate_source == "expert":
                 means[e] = torch.stack(s.router) / max(s.n, 1.0)
             for k in targets.sq:
@@ -466,11 +490,44 @@ def _calibrated(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor, name: str,
     if targets is None:
         return
     current = torch.zeros(x.size(-1), dtype=torch.float64)
-    for s in range(0, x.size(0), 64):
-        current += norm(x[s:s + 64]).double()[mask[s:s + 64]].square().sum(0)
+    for s in range(0, x.size(0), 2):  # two sequences at a time: statistics, not activations, are kept
+        current += norm(x[s:s + 2])[mask[s:s + 2]].double().square().sum(0)
     f = repair_factor(targets.sq[name], current)
     norm.weight.data.mul_(f.to(norm.weight.dtype))
     report.factors[name] = (float(f.min()), float(f.max()))
+
+
+def _skeleton(cfg: VectorSLMConfig, trunk: TensorFile) -> VectorSLM:
+    """The trunk model with every tensor allocated exactly once and read straight from the file: built
+    on the meta device (an ordinary build would initialise every weight and hold a second, untied
+    LM head of vocab x dim until it is tied), then given storage."""
+    with torch.device("meta"):
+        skel = VectorSLM(cfg)
+    if cfg.tie_embeddings:
+        skel.lm_head._parameters["weight"] = None  # tied: gets its storage through tok_emb only
+    skel.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        skel.lm_head.weight = skel.tok_emb.weight
+    skel.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # tables computed, not stored
+    sd = skel.state_dict()
+    names = {n: ns for ns in _tied_names(skel) for n in ns}
+    loaded = set()
+    for name in trunk.entries:
+        if name not in sd:
+            raise AssemblyError(f"{trunk.path}: {name}: expected only tensors of {type(skel).__name__}, found this one")
+        trunk.read_into(name, sd[name])
+        loaded.update(names[name])
+    missing = sorted(set(sd) - loaded)
+    if missing:
+        raise AssemblyError(f"{trunk.path}: expected every tensor of the trunk, found no {missing[:4]}")
+    return skel.eval()
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
 
 
 @torch.no_grad()
@@ -487,13 +544,7 @@ def assemble_streaming(trunk_dir: str | Path, expert_files: Sequence[str | Path]
     report = AssemblyReport(out_dir, cfg, [], [])
 
     trunk = TensorFile(trunk_dir / MODEL_FILE)
-    skel = VectorSLM(tcfg).eval()  # the skeleton: trunk tensors, FFN slots holding one FFN at a time
-    sd = skel.state_dict()
-    for name in trunk.entries:
-        if name not in sd:
-            raise AssemblyError(f"{trunk.path}: {name}: expected only tensors of {type(skel).__name__}, found this one")
-        trunk.read_into(name, sd[name])
-    del sd
+    skel = _skeleton(tcfg, trunk)  # trunk tensors, FFN slots holding one FFN at a time
 
     means, targets = _pass_a(skel, readers, calib, gate_source, calibrate)
     gates = _finish_gates(means, gate_mode, center, cond_limit, report)
@@ -509,14 +560,14 @@ def assemble_streaming(trunk_dir: str | Path, expert_files: Sequence[str | Path]
     tg = targets if calibrate else None
     for i, layer in enumerate(skel.layers):
         _calibrated(layer.attn_norm, x, mask, f"layers.{i}.attn_norm", tg, report)
-        for s in range(0, x.size(0), 8):
-            x[s:s + 8] += layer.attn(layer.attn_norm(x[s:s + 8]), cos, sin)
+        for s in range(0, x.size(0), 2):
+            x[s:s + 2] += layer.attn(layer.attn_norm(x[s:s + 2]), cos, sin)
         _calibrated(layer.ffn_norm, x, mask, f"layers.{i}.ffn_norm", tg, report)
         flat = x.view(-1, tcfg.dim)
         delta = torch.zeros_like(flat)
-        for s in range(0, flat.size(0), 1024):
-            delta[s:s + 1024] = _moe_delta(layer.ffn_norm(flat[s:s + 1024]), gates[i], cfg.moe.top_k, i, readers,
-                                           chunk_tokens)
+        for s in range(0, flat.size(0), 4 * chunk_tokens):
+            delta[s:s + 4 * chunk_tokens] = _moe_delta(layer.ffn_norm(flat[s:s + 4 * chunk_tokens]), gates[i],
+                                                       cfg.moe.top_k, i, readers, chunk_tokens)
         flat += delta
         del delta
     _calibrated(skel.norm, x, mask, "norm", tg, report)
@@ -603,11 +654,10 @@ def assemble_in_memory(trunk_dir: str | Path, expert_files: Sequence[str | Path]
     experts = [load_file(str(p)) for p in expert_files]
 
     trunk = _dense_model(tcfg, trunk_sd, None)
-    expert_models = [_dense_model(tcfg, trunk_sd, sd) for sd in experts]
     means = torch.zeros(N, tcfg.n_layers, tcfg.dim, dtype=torch.float64)
     targets = _new_stats(tcfg)
     for e in range(N):
-        s = collect_stats(expert_models[e], calib[e], _new_stats(tcfg))
+        s = collect_stats(_dense_model(tcfg, trunk_sd, experts[e]), calib[e], _new_stats(tcfg))
         for k in targets.sq:
             targets.sq[k] += s.sq[k]
         targets.n += s.n

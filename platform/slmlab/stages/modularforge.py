@@ -162,7 +162,8 @@ def _evaluate(model, folder: Path, ctx: StageContext, batches: int | None) -> di
 
     f = evaluate_folder(model, folder, ctx.shards.tokenizer_path, ctx.cfg.train.micro_batch_size, batches)
     nats = f["val/loss"] * f["val/targets"]
-    return {"bpb": f["val/bpb"], "nats": nats, "bytes": nats / math.log(2) / f["val/bpb"] if f["val/bpb"] else 0.0}
+    return {"bpb": f["val/bpb"], "loss": f["val/loss"], "nats": nats,
+            "bytes": nats / math.log(2) / f["val/bpb"] if f["val/bpb"] else 0.0}
 
 
 def _blocks(folder: Path, batch: int, limit: int | None):
@@ -181,18 +182,36 @@ def _blocks(folder: Path, batch: int, limit: int | None):
 # partition
 
 
+def check_pipeline(cfg) -> list[str]:
+    """What makes a ModularForge pipeline impossible, one line each, from its config alone: checked by the
+    partition stage before anything trains (and by `slmlab validate` where the pipeline asks stages)."""
+    stages = list(enumerate(cfg.stage_list()))
+    part = cfg.data.partition
+    problems = []
+    for i, st in stages:
+        if isinstance(st, PartitionStage):
+            if part is None:
+                problems.append(f"stages.{i}: expected data.partition (topic | random | curriculum), found none")
+            elif st.num_experts != part.num_partitions:
+                problems.append(f"stages.{i}.num_experts: expected data.partition.num_partitions="
+                                f"{part.num_partitions} (one expert per partition), found {st.num_experts}")
+    n = next((st.num_experts for _, st in stages if isinstance(st, PartitionStage)), None)
+    for i, st in stages:
+        if isinstance(st, AssembleStage) and n is not None and st.top_k > n:
+            problems.append(f"stages.{i}.top_k: expected at most the number of experts N={n}, found {st.top_k}")
+    if any(isinstance(st, PartitionStage) for _, st in stages) and (
+            cfg.model.family != "vectorslm" or getattr(cfg.model, "moe", None) is not None):
+        problems.append(f"model: expected a dense vectorslm (the trunk; experts and the MoE derive from it), found "
+                        f"family {cfg.model.family!r} with moe={getattr(cfg.model, 'moe', None)!r}")
+    return problems
+
+
 def run_partition(stage: PartitionStage, ctx: StageContext) -> StageResult:
     cfg, name = ctx.cfg, stage.stage_name
+    problems = check_pipeline(cfg)
+    if problems:
+        raise StageFailed("\n".join(problems))
     part = cfg.data.partition
-    if part is None:
-        raise StageFailed(f"stages.{name}: expected data.partition (method: topic | random | curriculum) to be set, "
-                          "found none")
-    if stage.num_experts != part.num_partitions:
-        raise StageFailed(f"stages.{name}.num_experts: expected data.partition.num_partitions="
-                          f"{part.num_partitions} (one expert per partition), found {stage.num_experts}")
-    if cfg.model.family != "vectorslm" or getattr(cfg.model, "moe", None) is not None:
-        raise StageFailed(f"model: expected a dense vectorslm (the trunk; experts and MoE derive from it), found "
-                          f"family {cfg.model.family!r} with moe={getattr(cfg.model, 'moe', None)!r}")
     summary = ctx.shards.summary["partitions"]
     if (ctx.state.run(name, "partition") or {}).get("status") != "FINISHED":
         run_id = _own_run(ctx, name, "partition", {"slmlab.partition_method": part.method})
@@ -422,19 +441,24 @@ def _trained_baselines(stage: EvaluateStage, ctx: StageContext, trunk: dict, exp
     return ctx.train_many(name, specs, stage.max_concurrent)
 
 
+def _config(model_dir):
+    from slmlab.models.vectorslm import VectorSLMConfig
+
+    return VectorSLMConfig.model_validate_json((Path(model_dir) / "model_config.json").read_text())
+
+
 def run_evaluate(stage: EvaluateStage, ctx: StageContext) -> StageResult:
     import torch
 
     from slmlab.assemble import load_expert_model
     from slmlab.models.modularforge import active_parameters, routing_analysis
-    from slmlab.models.vectorslm import VectorSLMConfig
     from slmlab.train.checkpoint import load_model_dir
 
     cfg, name = ctx.cfg, stage.stage_name
     trunk = _earlier(ctx, name, stage.trunk).outputs
     experts = _earlier(ctx, name, stage.experts).outputs
     asm = _earlier(ctx, name, stage.assemble).outputs
-    moe_cfg = VectorSLMConfig.model_validate_json((Path(asm["model_dir"]) / "model_config.json").read_text())
+    moe_cfg = _config(asm["model_dir"])
     runs = _trained_baselines(stage, ctx, trunk, experts, asm, moe_cfg)
     if any(r.status != "FINISHED" for r in runs.values()):
         return StageResult(name, runs=runs, stopped=True)
@@ -471,7 +495,7 @@ def run_evaluate(stage: EvaluateStage, ctx: StageContext) -> StageResult:
         "bpb": {k: v["bpb"] for k, v in rows.items()}, "routing": routing,
         "gap_vs_dense": assembled / dense - 1, "num_experts": n, "top_k": moe_cfg.moe.top_k,
         "active_parameters": {"assembled": active_parameters(moe_cfg),
-                              "dense": active_parameters(load_model_dir(runs["dense"].model_dir)[0])},
+                              "dense": active_parameters(_config(runs["dense"].model_dir))},
         "partition": cfg.data.partition.method, "runs": {k: r.mlflow_run_id for k, r in runs.items()}}
     figures = {f"compare/{k.replace(' ', '_').replace(',', '')}_bpb": v["bpb"] for k, v in rows.items()}
     figures["compare/gap_vs_dense"] = comparison["gap_vs_dense"]
@@ -481,7 +505,7 @@ def run_evaluate(stage: EvaluateStage, ctx: StageContext) -> StageResult:
         for e in range(n):
             figures[f"routing/layer{i}/expert{e}_load"] = routing["load"][i][e]
     _log(ctx, run_id, figures)
-    _log(ctx, asm["mlflow_run_id"], {"val/bpb": assembled, "val/loss": rows["assembled"]["nats"]})
+    _log(ctx, asm["mlflow_run_id"], {"val/bpb": assembled, "val/loss": rows["assembled"]["loss"]})
     ctx.client.log_dict(run_id, comparison, "modularforge/comparison.json")
     for title, fig in report_figures(comparison):
         ctx.client.log_figure(run_id, fig, f"modularforge/{title.split(':')[0].replace(' ', '_').lower()}.png")

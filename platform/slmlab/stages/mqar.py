@@ -70,10 +70,9 @@ class Cell(NamedTuple):
 
 
 def cells(stage: MQARStage) -> list[Cell]:
-    """Every cell of the stage: each model as configured, then its extra widths."""
-    out = []
+    """Every cell of the stage: each model as configured (the comparison, first), then the extra widths."""
+    out = [Cell(pm.name, pm.name, pm.model, True) for pm in stage.models]
     for pm in stage.models:
-        out.append(Cell(pm.name, pm.name, pm.model, True))
         if pm.model.family == "new_llm":
             for c in stage.context_dims:
                 if c != pm.model.context_dim:

@@ -188,26 +188,26 @@ class StageContext:
         self.progress(f"resume: {stage}/{spec.label} has a new model config: trained afresh")
         return None, spec
 
+    def _start(self, stage: str, spec: "RunSpec") -> "RunSpec":
+        """The run's MLflow run (created or reopened), recorded as RUNNING before it trains."""
+        from slmlab.lifecycle import start_run
+
+        spec = start_run(spec)
+        self.state.record(stage, spec.label, label=spec.label, run_name=spec.run_name,
+                          mlflow_run_id=spec.mlflow_run_id, status="RUNNING", model_hash=model_hash(spec))
+        return spec
+
     def _record(self, stage: str, result: "RunResult") -> None:
         self.state.record(stage, result.label, **asdict(result))
 
     def train(self, stage: str, spec: "RunSpec") -> "RunResult":
         """One run through the lifecycle, here in the driver; its failure fails the stage."""
-        from slmlab.lifecycle import start_run, train_run
+        from slmlab.lifecycle import train_run
 
         done, spec = self._prior(stage, spec)
         if done:
             return done
-        spec = start_run(replace(spec, tags={"slmlab.stage": stage, **spec.tags}))
-        self.state.record(
-            stage,
-            spec.label,
-            label=spec.label,
-            run_name=spec.run_name,
-            mlflow_run_id=spec.mlflow_run_id,
-            status="RUNNING",
-            model_hash=model_hash(spec),
-        )
+        spec = self._start(stage, replace(spec, tags={"slmlab.stage": stage, **spec.tags}))
         try:
             result = train_run(spec, self.progress)
         except Exception as err:
@@ -239,7 +239,6 @@ class StageContext:
     ) -> dict[str, "RunResult"]:
         """Independent runs at once, each an MLflow child run of the stage's parent run. A failing run
         is reported by label while the others finish; then the stage fails naming it."""
-        from slmlab.lifecycle import start_run
         from slmlab.parallel import train_concurrently
 
         parent = self.stage_run(stage)
@@ -253,17 +252,7 @@ class StageContext:
         self.client.update_run(parent, status="RUNNING")
 
         def prepare(spec: "RunSpec") -> "RunSpec":
-            spec = start_run(spec)
-            self.state.record(
-                stage,
-                spec.label,
-                label=spec.label,
-                run_name=spec.run_name,
-                mlflow_run_id=spec.mlflow_run_id,
-                status="RUNNING",
-                model_hash=model_hash(spec),
-            )
-            return spec
+            return self._start(stage, spec)
 
         results.update(
             train_concurrently(

@@ -406,3 +406,16 @@ def test_pipeline_trains_registers_and_evaluates(ray_local, tmp_path):
     assert arts == {"report/accuracy_by_question_type.png", "report/expert_share_by_modality.png"}
     page = write_report("vlm-tiny", tmp_path / "report.html", tmp_path / "runs").read_text()
     assert "accuracy by question type" in page and "eval/acc/digit" in page
+
+
+def test_export_command_writes_the_text_decoder_as_mixtral(vlm_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from slmlab.cli import app
+
+    run = CliRunner().invoke(app, ["export", str(vlm_model_dir), str(tmp_path / "hf")], env={"SLMLAB_VERBOSE": None})
+    assert run.exit_code == 0, run.output
+    assert "MixtralForCausalLM" in run.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]

@@ -254,6 +254,8 @@ def export(
     if arch is None:
         raise ExportError(f"{model}: expected a model with a transformers equivalent (vectorslm), "
                           f"found family {cfg.family!r}")
+    if hasattr(net, "text_decoder"):  # a vision-language model: its text decoder is the transformers model
+        net, cfg = net.text_decoder()
     path = export_hf(net, cfg, out, tokenizer_file=folder / "tokenizer.json", force=force)
     typer.echo(f"wrote {path} ({arch})")
 

@@ -43,6 +43,7 @@ def test_tokens_per_step_derives_the_batch_from_the_context(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # bounded: an unproven test must not eat CI's time
 @pytest.mark.xfail(reason="not yet run green (session 2): Ray could not even start on the loaded machine", strict=False)
 def test_independent_runs_overlap_fail_alone_and_resume(ray_local, tmp_path):
     from slmlab.pipeline import run_stages

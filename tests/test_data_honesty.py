@@ -1,6 +1,9 @@
 """What the data must never do: let text turn into control tokens, let the fine-tuning validation
 answers sit in the pretraining training split, or pack differently when nothing changed."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,8 +82,10 @@ def embedded_files(tmp_path_factory):
     from slmlab.data.sources import embedded_corpus_path, write_embedded_corpus
 
     cache = tmp_path_factory.mktemp("cache")
-    return (write_embedded_corpus(embedded_corpus_path(cache)),
-            write_embedded_instructions(embedded_instructions_path(cache)))
+    return (
+        write_embedded_corpus(embedded_corpus_path(cache)),
+        write_embedded_instructions(embedded_instructions_path(cache)),
+    )
 
 
 def split_of(path, seed: int, val_fraction: float, fmt: str) -> tuple[list[str], list[str], list[int]]:
@@ -94,8 +99,9 @@ def split_of(path, seed: int, val_fraction: float, fmt: str) -> tuple[list[str],
 
 
 @pytest.mark.parametrize("seed, pretrain_val, finetune_val", [(1234, 0.05, 0.05), (7, 0.1, 0.1), (11, 0.1, 0.05)])
-def test_finetune_validation_answers_are_not_pretraining_training_text(embedded_files, seed, pretrain_val,
-                                                                       finetune_val):
+def test_finetune_validation_answers_are_not_pretraining_training_text(
+    embedded_files, seed, pretrain_val, finetune_val
+):
     corpus, instructions = embedded_files
     ids, texts, split = split_of(corpus, seed, pretrain_val, "text")
     assert ids[0].startswith("topic:") and all(i.startswith(("topic:", "module:")) for i in ids)  # not file:line
@@ -111,3 +117,132 @@ def test_finetune_validation_answers_are_not_pretraining_training_text(embedded_
     # the held-out set only grows with val_fraction: a smaller fine-tuning fraction stays inside it
     _, _, more = split_of(instructions, seed, pretrain_val, "chat")
     assert all(b == 1 for a, b in zip(q_split, more) if a == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# one cache key, one set of bytes
+
+
+def test_packing_groups_do_not_depend_on_row_order(tmp_path):
+    """The driver's packing groups hold at most pack_batch_size copies, and what a group writes does
+    not depend on the order its rows arrive in."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from slmlab.data.mixture import Plan
+    from slmlab.data.packing import Finalize, PackAndWrite, _list_array, pack_cuts
+
+    rng = np.random.default_rng(4)
+    n = 300
+    docs = [rng.integers(10, 90, size=int(k)).astype(np.int32) for k in rng.integers(1, 30, size=n)]
+    table = pa.table(
+        {
+            "source": pa.array(np.arange(n) % 2, pa.int32()),
+            "split": pa.array((np.arange(n) % 7 == 0).astype(np.int8)),
+            "fmt": pa.array(np.zeros(n, np.int8)),
+            "ids": _list_array(docs, np.int32),
+            "tmask": _list_array([np.zeros(0, np.int8)] * n, np.int8),
+            "ntok": pa.array([len(d) + 1 for d in docs], pa.int64()),
+            "key": pa.array(rng.random(n)),
+            "u": pa.array(rng.random(n)),
+            "score": pa.array(np.full(n, np.nan)),
+            "topic": pa.array(np.full(n, -1, np.int32)),
+        }
+    )
+    plan = Plan(2, whole=np.array([[1, 2], [1, 1]]), thr=np.zeros((2, 2)))
+    cols = {c: table.column(c).to_numpy() for c in ("source", "split", "key")}
+    copies = plan.copies(cols["source"], cols["split"], cols["key"])
+    cuts = pack_cuts(cols["split"], np.zeros(n, np.int32), cols["key"], copies, 40)
+    out = Finalize(plan, cuts)(table)
+    groups, sizes = np.unique(out.column("group").to_numpy(), return_counts=True)
+    assert len(groups) > 4 and sizes.max() <= 40 and sizes.sum() == copies.sum()
+    written = []
+    for i, rows in enumerate((out, out.take(pa.array(rng.permutation(out.num_rows))))):
+        writer = PackAndWrite(
+            str(tmp_path / str(i)), 8, eos=2, pad=0, byte_lengths=np.ones(100, np.int64), partitioned=False
+        )
+        files = {}
+        for g in groups:
+            for path in writer(rows.filter(pc.equal(rows.column("group"), g)))["file"]:
+                files[path.split(f"/{i}/", 1)[1]] = Path(path).read_bytes()
+        written.append(files)
+    assert written[0] == written[1] and len(written[0]) == len(groups)
+
+
+BUILD = """
+import json, sys
+from slmlab.config import validate_pipeline
+from slmlab.data.shards import build_shards
+from slmlab.runtime import ensure_ray
+
+for attempt in range(3):  # Ray's node start-up limit is a fixed 30 s, which a loaded machine can miss
+    try:
+        ensure_ray(num_cpus=2)
+        break
+    except Exception:
+        if attempt == 2:
+            raise
+shards = build_shards(validate_pipeline(json.loads(sys.argv[1])), progress=lambda m: None)
+print(json.dumps({"root": str(shards.root), "key": shards.key}))
+"""
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of a cache entry by relative path (summary.json names its own paths: left out)."""
+    files = [f for f in sorted(root.rglob("*")) if f.is_file() and f.name != "summary.json"]
+    return {str(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_same_config_and_seed_give_the_same_bytes_in_separate_ray_sessions(tmp_path):
+    """Two "clones" (different run dirs, each its own process and Ray session, many small Ray tasks)
+    share a cache key, so they must write the same tokenizer, documents table and shards, byte for byte."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "shared" / "notes.txt"
+    text.parent.mkdir()
+    text.write_text("\n\n".join(f"Note {i}: the tide turned {i % 7} times before bell {i % 5}." for i in range(200)))
+    data = {
+        "sources": [{"kind": "embedded", "max_documents": 60, "weight": 2}, {"kind": "text", "path": str(text)}],
+        "seq_len": 32,
+        "val_fraction": 0.1,
+        "partition": {"method": "random", "num_partitions": 2},
+        "tokenize_batch_size": 32,
+        "pack_batch_size": 16,
+        "tokenize_concurrency": 2,
+    }
+    model = {"family": "vectorslm", "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    builds = []
+    for clone in ("clone-a", "clone-b"):
+        raw = {
+            "name": "det",
+            "seed": 5,
+            "run_dir": str(tmp_path / clone / "runs"),
+            "data": data,
+            "tokenizer": {"vocab_size": 400},
+            "model": model,
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", BUILD, json.dumps(raw)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        builds.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    a, b = builds
+    assert a["key"] == b["key"] and a["root"] != b["root"]
+    files_a, files_b = tree_bytes(Path(a["root"])), tree_bytes(Path(b["root"]))
+    assert sorted(files_a) == sorted(files_b)
+    assert sum(1 for f in files_a if f.endswith(".parquet") and "/part-" in f) > 8  # many packing groups
+    differ = [f for f in files_a if files_a[f] != files_b[f]]
+    assert not differ, f"{len(differ)} of {len(files_a)} files differ, e.g. {differ[:3]}"
+    sa, sb = (json.loads((Path(r) / "summary.json").read_text()) for r in (a["root"], b["root"]))
+    assert sa["train"] == sb["train"] and sa["val"] == sb["val"] and sa["partitions"] == sb["partitions"]

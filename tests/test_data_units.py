@@ -1,5 +1,6 @@
 """Data-stage building blocks without Ray: parsing, packing, chat masks, mixture and partition plans,
 the tokenizer's transformers round trip, config validation."""
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,22 @@ def bad_of(rows: Rows) -> list[tuple[str, str]]:
 RAW = b"First para line 1\r\nline 2\n   \n\nSecond \xff para\nstill second\n\n\nThird\n"
 
 
-@pytest.mark.parametrize("sep, expected", [
-    ("blank_line", [("f.txt:1", "First para line 1\nline 2"), ("f.txt:6", "still second"), ("f.txt:9", "Third")]),
-    ("line", [("f.txt:1", "First para line 1"), ("f.txt:2", "line 2"), ("f.txt:6", "still second"), ("f.txt:9", "Third")]),
-    ("file", [("f.txt:1", "First para line 1\nline 2\n   \n\nstill second\n\n\nThird\n")]),
-])
+@pytest.mark.parametrize(
+    "sep, expected",
+    [
+        ("blank_line", [("f.txt:1", "First para line 1\nline 2"), ("f.txt:6", "still second"), ("f.txt:9", "Third")]),
+        (
+            "line",
+            [
+                ("f.txt:1", "First para line 1"),
+                ("f.txt:2", "line 2"),
+                ("f.txt:6", "still second"),
+                ("f.txt:9", "Third"),
+            ],
+        ),
+        ("file", [("f.txt:1", "First para line 1\nline 2\n   \n\nstill second\n\n\nThird\n")]),
+    ],
+)
 def test_text_documents_by_separator(sep, expected):
     rows = Rows(0, SourceConfig(kind="text", path="x", doc_separator=sep), seed=1, val_fraction=0.1)
     parse_text("f.txt", RAW, rows)
@@ -161,28 +173,50 @@ def test_truncate_example_counts_lost_targets():
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "What is two plus two? It is four.", "Hello world, this is a test."] * 30
+    texts = [
+        "The quick brown fox jumps over the lazy dog. " * 3,
+        "What is two plus two? It is four.",
+        "Hello world, this is a test.",
+    ] * 30
     path = train_bpe(texts, 400, 1, tmp_path_factory.mktemp("tok") / "tokenizer.json")
     return path
 
 
 def test_chat_normalization_variants():
     src = SourceConfig(kind="jsonl", path="x", format="chat", system_field="sys")
-    msgs, err = chat.normalize_chat({"messages": [{"role": "system", "content": "be nice"}, {"from": "human", "value": "hi"},
-                                                  {"role": "assistant", "content": "hello"}]}, src)
+    msgs, err = chat.normalize_chat(
+        {
+            "messages": [
+                {"role": "system", "content": "be nice"},
+                {"from": "human", "value": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
+        src,
+    )
     assert err is None and msgs == [("system", "be nice"), ("user", "hi"), ("assistant", "hello")]
     msgs, err = chat.normalize_chat({"prompt": "2+2?", "response": "4", "sys": "math"}, src)
     assert msgs == [("system", "math"), ("user", "2+2?"), ("assistant", "4")]
-    assert chat.normalize_chat({"messages": [{"role": "user", "content": "hi"}]}, src)[1] == "no non-empty assistant message"
+    assert (
+        chat.normalize_chat({"messages": [{"role": "user", "content": "hi"}]}, src)[1]
+        == "no non-empty assistant message"
+    )
     assert "role 'robot'" in chat.normalize_chat({"messages": [{"role": "robot", "content": "x"}]}, src)[1]
-    assert chat.normalize_chat({"prompt": "x", "response": None}, src)[1] == "field 'response' is null, expected a string"
+    assert (
+        chat.normalize_chat({"prompt": "x", "response": None}, src)[1] == "field 'response' is null, expected a string"
+    )
     assert chat.normalize_chat({"text": "x"}, src)[1].startswith("missing field 'messages'")
 
 
 def test_chat_masks_cover_only_assistant_answers(tiny_tokenizer):
     tok = load_tokenizer(tiny_tokenizer)
-    conv = [("system", "Be brief."), ("user", "What is two plus two?"), ("assistant", "It is four."),
-            ("user", "And the fox?"), ("assistant", "The quick brown fox.")]
+    conv = [
+        ("system", "Be brief."),
+        ("user", "What is two plus two?"),
+        ("assistant", "It is four."),
+        ("user", "And the fox?"),
+        ("assistant", "The quick brown fox."),
+    ]
     [(ids, mask)] = chat.encode_chats(tok, [conv])
     # identical to tokenizing the rendered template
     assert ids.tolist() == tok.encode(chat.render(conv), add_special_tokens=False).ids
@@ -284,7 +318,11 @@ def test_topic_model_is_deterministic():
     from slmlab.data.topics import fit_topic_model
 
     rng = np.random.default_rng(3)
-    vocab = {0: "ship sea sail harbour captain wave", 1: "king crown throne court queen castle", 2: "function return value module class"}
+    vocab = {
+        0: "ship sea sail harbour captain wave",
+        1: "king crown throne court queen castle",
+        2: "function return value module class",
+    }
     texts = [" ".join(rng.choice(vocab[i % 3].split(), size=12)) for i in range(120)]
     a = fit_topic_model(texts, 3, seed=5).predict(texts)
     b = fit_topic_model(texts, 3, seed=5).predict(texts)
@@ -298,14 +336,17 @@ def test_topic_model_is_deterministic():
 # config
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ({"kind": "text", "path": "x", "format": "chat"}, "format 'chat' only"),
-    ({"kind": "jsonl", "path": "x", "doc_separator": "line"}, "doc_separator only"),
-    ({"kind": "text"}, "needs 'path'"),
-    ({"kind": "hf_disk", "path": "s3://bucket/ds"}, "cloud URI only"),
-    ({"kind": "jsonl", "path": "s3://bucket/*.jsonl"}, "without wildcards"),
-    ({"kind": "text", "path": "x", "weight": 0}, "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"kind": "text", "path": "x", "format": "chat"}, "format 'chat' only"),
+        ({"kind": "jsonl", "path": "x", "doc_separator": "line"}, "doc_separator only"),
+        ({"kind": "text"}, "needs 'path'"),
+        ({"kind": "hf_disk", "path": "s3://bucket/ds"}, "cloud URI only"),
+        ({"kind": "jsonl", "path": "s3://bucket/*.jsonl"}, "without wildcards"),
+        ({"kind": "text", "path": "x", "weight": 0}, "greater than 0"),
+    ],
+)
 def test_source_config_errors(raw, fragment):
     with pytest.raises(ValidationError) as err:
         SourceConfig(**raw)
@@ -313,11 +354,17 @@ def test_source_config_errors(raw, fragment):
 
 
 def test_data_config_shape():
-    cfg = DataConfig(sources=[{"kind": "text", "path": "a.txt", "weight": 2}, {"kind": "jsonl", "path": "b/", "format": "chat"}],
-                     mixture_strategy="upsample", partition={"method": "curriculum", "num_partitions": 4})
+    cfg = DataConfig(
+        sources=[{"kind": "text", "path": "a.txt", "weight": 2}, {"kind": "jsonl", "path": "b/", "format": "chat"}],
+        mixture_strategy="upsample",
+        partition={"method": "curriculum", "num_partitions": 4},
+    )
     assert cfg.sources[0].separator == "blank_line" and cfg.partition.score == "length"
     with pytest.raises(ValidationError, match="score_field on every source"):
-        DataConfig(sources=[{"kind": "text", "path": "a"}], partition={"method": "curriculum", "num_partitions": 2, "score": "field"})
+        DataConfig(
+            sources=[{"kind": "text", "path": "a"}],
+            partition={"method": "curriculum", "num_partitions": 2, "score": "field"},
+        )
     with pytest.raises(ValidationError):
         DataConfig(partition={"method": "kmeans", "num_partitions": 2})
     with pytest.raises(ValidationError):
@@ -338,13 +385,23 @@ def test_finalize_repeats_and_packs_every_copy(tmp_path):
     rng = np.random.default_rng(2)
     n = 40
     docs = [rng.integers(10, 90, size=int(k)).astype(np.int32) for k in rng.integers(1, 30, size=n)]
-    table = pa.table({
-        "source": pa.array(np.arange(n) % 2, pa.int32()), "split": pa.array((np.arange(n) % 5 == 0).astype(np.int8)),
-        "fmt": pa.array(np.zeros(n, np.int8)), "ids": _list_array(docs, np.int32), "tmask": _list_array([np.zeros(0, np.int8)] * n, np.int8),
-        "ntok": pa.array([len(d) + 1 for d in docs], pa.int64()), "key": pa.array(rng.random(n)), "u": pa.array(rng.random(n)),
-        "score": pa.array(np.full(n, np.nan)), "topic": pa.array(np.full(n, -1, np.int32)),
-    })
-    plan = Plan(2, whole=np.array([[1, 2], [1, 1]]), thr=np.array([[0.5, 0.0], [0.0, 0.0]]), method="random", num_partitions=2)
+    table = pa.table(
+        {
+            "source": pa.array(np.arange(n) % 2, pa.int32()),
+            "split": pa.array((np.arange(n) % 5 == 0).astype(np.int8)),
+            "fmt": pa.array(np.zeros(n, np.int8)),
+            "ids": _list_array(docs, np.int32),
+            "tmask": _list_array([np.zeros(0, np.int8)] * n, np.int8),
+            "ntok": pa.array([len(d) + 1 for d in docs], pa.int64()),
+            "key": pa.array(rng.random(n)),
+            "u": pa.array(rng.random(n)),
+            "score": pa.array(np.full(n, np.nan)),
+            "topic": pa.array(np.full(n, -1, np.int32)),
+        }
+    )
+    plan = Plan(
+        2, whole=np.array([[1, 2], [1, 1]]), thr=np.array([[0.5, 0.0], [0.0, 0.0]]), method="random", num_partitions=2
+    )
     cols = {c: table.column(c).to_numpy() for c in ("source", "split", "key", "u", "ntok", "score", "topic")}
     copies = plan.copies(cols["source"], cols["split"], cols["key"])
     out = Finalize(plan)(table)

@@ -12,6 +12,7 @@ For content without marker strings the ids equal tokenizing the rendered string,
 Jinja ``chat_template`` in the saved ``tokenizer_config.json`` gives transformers. ``target_mask`` is
 1 on the tokens of assistant answers and on their closing ``<|end|>`` — nothing else is a target.
 """
+
 from __future__ import annotations
 
 import json

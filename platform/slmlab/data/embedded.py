@@ -19,6 +19,7 @@ fraction of both corpora, whole groups only, and the held-out set grows monotoni
 ``val_fraction``. With the same seed, every fine-tuning validation answer is in pretraining
 validation documents only when the fine-tuning ``val_fraction`` is at most the pretraining one.
 """
+
 from __future__ import annotations
 
 import ast

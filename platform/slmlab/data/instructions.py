@@ -7,6 +7,7 @@ Used by ``pipelines/vectorslm.yaml``'s fine-tuning stage (``kind: embedded, form
 share their train/validation split with the pretraining documents that contain their answers
 (see :mod:`slmlab.data.embedded`).
 """
+
 from __future__ import annotations
 
 import ast

@@ -18,6 +18,7 @@ Partitions. ``random``: a seeded hash of the text; ``topic``: TF-IDF + k-means c
 source's ``score_field``), ties broken by key, cut into ``num_partitions`` runs of equal training
 tokens; partition 0 is the easiest. Validation documents use the same thresholds.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,13 +49,17 @@ class Plan:
         if self.method is None:
             return np.zeros(n, np.int32)
         if self.method == "random":
-            return np.minimum((np.asarray(cols["u"]) * self.num_partitions).astype(np.int64), self.num_partitions - 1).astype(np.int32)
+            return np.minimum(
+                (np.asarray(cols["u"]) * self.num_partitions).astype(np.int64), self.num_partitions - 1
+            ).astype(np.int32)
         if self.method == "topic":
             return np.asarray(cols["topic"], dtype=np.int32)
         score = _score(cols, self.score)
         key = np.asarray(cols["key"])
         # partition = number of thresholds at or below (score, key), compared lexicographically
-        above = (score[:, None] > self.cut_score[None, :]) | ((score[:, None] == self.cut_score[None, :]) & (key[:, None] >= self.cut_key[None, :]))
+        above = (score[:, None] > self.cut_score[None, :]) | (
+            (score[:, None] == self.cut_score[None, :]) & (key[:, None] >= self.cut_key[None, :])
+        )
         return above.sum(axis=1).astype(np.int32)
 
 
@@ -108,11 +113,17 @@ def make_plan(meta: dict, weights: list[float], strategy: str, labels: list[str]
     report = {
         "strategy": strategy,
         "requested": {labels[i]: float(w[i]) for i in range(S)},
-        "achieved": {name: {labels[i]: float(achieved[sp, i] / max(1.0, achieved[sp].sum())) for i in range(S)}
-                     for sp, name in ((TRAIN, "train"), (VAL, "val"))},
+        "achieved": {
+            name: {labels[i]: float(achieved[sp, i] / max(1.0, achieved[sp].sum())) for i in range(S)}
+            for sp, name in ((TRAIN, "train"), (VAL, "val"))
+        },
         "rates": {labels[i]: float(rates[i]) for i in range(S)},
-        "natural_tokens": {name: {labels[i]: int(T[sp, i]) for i in range(S)} for sp, name in ((TRAIN, "train"), (VAL, "val"))},
-        "selected_tokens": {name: {labels[i]: int(achieved[sp, i]) for i in range(S)} for sp, name in ((TRAIN, "train"), (VAL, "val"))},
+        "natural_tokens": {
+            name: {labels[i]: int(T[sp, i]) for i in range(S)} for sp, name in ((TRAIN, "train"), (VAL, "val"))
+        },
+        "selected_tokens": {
+            name: {labels[i]: int(achieved[sp, i]) for i in range(S)} for sp, name in ((TRAIN, "train"), (VAL, "val"))
+        },
     }
     if partition is not None:
         plan.method, plan.num_partitions, plan.score = partition.method, partition.num_partitions, partition.score
@@ -124,7 +135,10 @@ def make_plan(meta: dict, weights: list[float], strategy: str, labels: list[str]
             weight = (ntok * copies)[train][order].astype(np.float64)
             cum_before = np.cumsum(weight) - weight
             total = weight.sum()
-            bucket = np.minimum((partition.num_partitions * (cum_before + weight / 2) / max(total, 1.0)).astype(np.int64), partition.num_partitions - 1)
+            bucket = np.minimum(
+                (partition.num_partitions * (cum_before + weight / 2) / max(total, 1.0)).astype(np.int64),
+                partition.num_partitions - 1,
+            )
             firsts = np.searchsorted(bucket, np.arange(1, partition.num_partitions), side="left")
             s_sorted, k_sorted = score[order], k[order]
             cut_s = np.array([s_sorted[f] if f < len(order) else np.inf for f in firsts])

@@ -11,11 +11,17 @@ is 1 there, 0 at position 0 and on padding). Hence no token is lost or duplicate
 a split are exactly Σ(len(encode(doc)) + 1) over its documents. Only the last block of a batch is
 padded (PAD, mask 0).
 
+Which documents share a stream is decided on the driver, not by Ray's batching: each (split,
+partition) is ordered by the documents' seeded keys and cut into packing groups of
+``pack_batch_size`` documents (:func:`pack_cuts`); each group is packed whole, sorted by key. So the
+same config and seed give the same blocks, byte for byte, however Ray schedules the work.
+
 Chat examples (see :mod:`slmlab.data.chat`) are never split: an example starts a new block or
 joins a block holding only whole examples (greedy, in order). One longer than ``seq_len + 1`` tokens
 is cut to its first ``seq_len + 1`` tokens; the cut is counted (``examples_truncated``,
 ``targets_truncated``) and an example left without any target is dropped and counted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +37,9 @@ from slmlab.data.sources import FMT_CHAT
 from slmlab.data.tokenizer import encode_text, load_tokenizer
 
 
-def pack_text(values: np.ndarray, lengths: np.ndarray, seq_len: int, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_text(
+    values: np.ndarray, lengths: np.ndarray, seq_len: int, eos: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated doc ids (``values``, per-doc ``lengths``) → (input_ids, target_mask), both [B, seq_len+1]."""
     block = seq_len + 1
     if len(lengths) == 0:
@@ -54,7 +62,9 @@ def pack_text(values: np.ndarray, lengths: np.ndarray, seq_len: int, eos: int, p
     return ids, mask
 
 
-def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_examples(
+    examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Whole examples (each at most seq_len+1 tokens, first token not a target) → blocks, greedy."""
     block = seq_len + 1
     starts, row, fill = [], 0, 0
@@ -142,33 +152,76 @@ class TokenizeDocs:
                     topic_texts[i] = "\n".join(c for _, c in messages)
         topic = self.topic_model.predict(topic_texts) if self.topic_model is not None else np.full(n, -1, np.int32)
         out = batch.drop_columns(["text", "bad", "where"])
-        for name, arr in (("ids", ids_array if ids_array is not None else _list_array(ids, np.int32)), ("tmask", _list_array(masks, np.int8)),
-                          ("ntok", pa.array(ntok)), ("truncated", pa.array(truncated)), ("lost", pa.array(lost)),
-                          ("topic", pa.array(np.asarray(topic, dtype=np.int32)))):
+        for name, arr in (
+            ("ids", ids_array if ids_array is not None else _list_array(ids, np.int32)),
+            ("tmask", _list_array(masks, np.int8)),
+            ("ntok", pa.array(ntok)),
+            ("truncated", pa.array(truncated)),
+            ("lost", pa.array(lost)),
+            ("topic", pa.array(np.asarray(topic, dtype=np.int32))),
+        ):
             out = out.append_column(name, arr)
         return out
 
 
-class Finalize:
-    """Apply the plan: copies (mixture) and partition per document; explode copies; order key."""
+def copy_orders(key: np.ndarray, copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(document index, order key) of every copy. Each copy of a document gets its own place in
+    the order: a golden-ratio step keeps the copies apart."""
+    copies = np.asarray(copies, dtype=np.int64)
+    keep = np.repeat(np.arange(len(copies)), copies)
+    copy_no = np.arange(len(keep)) - np.repeat(np.cumsum(copies) - copies, copies)
+    return keep, np.mod(np.asarray(key, dtype=np.float64)[keep] + copy_no * 0.6180339887498949, 1.0)
 
-    def __init__(self, plan):
-        self.plan = plan
+
+def pack_cuts(split: np.ndarray, part: np.ndarray, key: np.ndarray, copies: np.ndarray, size: int) -> dict:
+    """(split, partition) -> the order keys that start its 2nd, 3rd, ... packing group of ``size`` copies."""
+    keep, order = copy_orders(key, copies)
+    s, p = np.asarray(split)[keep], np.asarray(part)[keep]
+    cuts = {}
+    for si, pi in sorted(set(zip(s.tolist(), p.tolist()))):
+        cuts[(si, pi)] = np.sort(order[(s == si) & (p == pi)])[size::size]
+    return cuts
+
+
+def group_ids(split: np.ndarray, part: np.ndarray, order: np.ndarray, cuts: dict | None) -> np.ndarray:
+    """One int64 per copy naming its packing group: split, partition and run number."""
+    split, part = np.asarray(split, dtype=np.int64), np.asarray(part, dtype=np.int64)
+    run = np.zeros(len(order), np.int64)
+    for (si, pi), c in (cuts or {}).items():
+        sel = (split == si) & (part == pi)
+        run[sel] = np.searchsorted(c, order[sel], side="right")
+    return ((split * 256 + part) << 32) + run
+
+
+class Finalize:
+    """Apply the plan: copies (mixture) and partition per document; explode copies; order key and
+    packing group (``cuts`` from :func:`pack_cuts`; None: one group per split and partition)."""
+
+    def __init__(self, plan, cuts: dict | None = None):
+        self.plan, self.cuts = plan, cuts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in ("source", "split", "key", "u", "ntok", "score", "topic")}
+        names = ("source", "split", "key", "u", "ntok", "score", "topic")
+        cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in names}
         copies = self.plan.copies(cols["source"], cols["split"], cols["key"])
         part = self.plan.partition(cols)
-        keep = np.repeat(np.arange(batch.num_rows), copies)
-        copy_no = np.concatenate([np.arange(c) for c in copies]) if len(copies) else np.zeros(0, np.int64)
-        out = batch.take(pa.array(keep, type=pa.int64())).select(["source", "split", "fmt", "ids", "tmask", "ntok"])
-        # each copy of a document gets its own place in the order (a golden-ratio step keeps them apart)
-        order = np.mod(cols["key"][keep] + copy_no * 0.6180339887498949, 1.0)
-        return out.append_column("part", pa.array(part[keep].astype(np.int32))).append_column("order", pa.array(order))
+        keep, order = copy_orders(cols["key"], copies)
+        out = batch.take(pa.array(keep, type=pa.int64())).select(
+            ["source", "split", "fmt", "ids", "tmask", "ntok", "u"]
+        )
+        group = group_ids(cols["split"][keep], part[keep], order, self.cuts)
+        for name, arr in (("part", part[keep].astype(np.int32)), ("order", order), ("group", group)):
+            out = out.append_column(name, pa.array(arr))
+        return out
+
+
+def pack_group(batch: pa.Table, writer: "PackAndWrite") -> dict:
+    """map_groups fn (a plain function: Ray names the stage after it)."""
+    return writer(batch)
 
 
 class PackAndWrite:
-    """map_batches fn: pack one batch per (split, partition) group and write it as a parquet file
+    """Pack one batch per (split, partition) group and write it as a parquet file
     ``<root>/<split>/[part-KKK/]<first order key>.parquet``; returns one stats row per group."""
 
     def __init__(self, root: str, seq_len: int, eos: int, pad: int, byte_lengths: np.ndarray, partitioned: bool):
@@ -180,7 +233,7 @@ class PackAndWrite:
         from ray.data.extensions import ArrowTensorArray
 
         order = batch.column("order").to_numpy()
-        sort = np.argsort(order, kind="stable")
+        sort = np.lexsort((batch.column("u").to_numpy(), order))  # rows arrive in any order; equal keys: by text hash
         batch, order = batch.take(pa.array(sort)), order[sort]
         split = batch.column("split").to_numpy()
         part = batch.column("part").to_numpy()
@@ -213,7 +266,9 @@ class PackAndWrite:
             # (deterministic: a retried task overwrites its file instead of duplicating it)
             digest = hashlib.blake2b(order[rows].tobytes(), digest_size=6).hexdigest()
             path = os.path.join(folder, f"{int(order[rows[0]] * 2**53):014x}-{digest}.parquet")
-            table = pa.table({"input_ids": ArrowTensorArray.from_numpy(b_ids), "target_mask": ArrowTensorArray.from_numpy(b_mask)})
+            table = pa.table(
+                {"input_ids": ArrowTensorArray.from_numpy(b_ids), "target_mask": ArrowTensorArray.from_numpy(b_mask)}
+            )
             tmp = f"{path}.{os.getpid()}.tmp"
             pq.write_table(table, tmp)
             os.replace(tmp, path)
@@ -227,4 +282,3 @@ class PackAndWrite:
             stats["documents"].append(len(rows))
             stats["file"].append(path)
         return {k: np.asarray(v) for k, v in stats.items()}
-

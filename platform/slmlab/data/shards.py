@@ -5,7 +5,8 @@ Layout of one cache entry (``<run_dir>/cache/data/<key>/``)::
     tokenizer.json, tokenizer_config.json   the trained byte-level BPE (loads in transformers as a fast tokenizer)
     train/*.parquet, val/*.parquet          rows: input_ids int32[seq_len+1], target_mask int8[seq_len+1]
     train/part-KKK/, val/part-KKK/          instead, when data.partition is set: one folder per partition
-    documents.parquet                       one row per usable document: doc_id, source, split, partition, tokens, copies
+    documents.parquet                       one row per usable document: doc_id, source, split, partition,
+                                            tokens, copies
     summary.json                            documents, tokens, bytes, bytes/token, mixture requested vs achieved,
                                             partition sizes, bad records (counts + first file:line examples)
     _SUCCESS                                written last: an entry without it is never reused
@@ -14,18 +15,20 @@ Stages (each on Ray Data; see :mod:`~slmlab.data.sources`, :mod:`~slmlab.data.mi
 :mod:`~slmlab.data.packing` for the rules):
 
 1. read every source into normalized documents, counting bad records; split train/val by a hash of
-   the text (the same text always lands on the same side);
+   the text (the same text always lands on the same side), the embedded corpora by held-out group;
 2. train the tokenizer on a bounded sample (``tokenizer.sample_bytes``) drawn from every source in
    proportion to its weight, in a seeded order;
 3. tokenize every document in tokenizer actors (and label its topic when partitioning by topic);
 4. plan the mixture and partitions on the driver from per-document token counts;
-5. apply the plan (repeat / drop documents, assign partitions), interleave sources with a seeded
-   shuffle when there is more than one, pack and write one file per batch and group; the packed
-   target tokens are checked against the plan, token for token.
+5. apply the plan (repeat / drop documents, assign partitions), group each split and partition into
+   runs of ``pack_batch_size`` documents in seeded key order (sources interleaved), pack and write one
+   file per run; the packed target tokens are checked against the plan, token for token. The runs are
+   decided on the driver and sorted inside, so one cache key always means the same bytes.
 
 The key hashes the data/tokenizer config, the seed and the *content* of local files (blake2b in 1 MiB
 chunks), so an edited corpus rebuilds and an unchanged one is reused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,11 +49,11 @@ import ray
 from slmlab.config import PipelineConfig
 from slmlab.data import chat
 from slmlab.data.mixture import make_plan
-from slmlab.data.packing import Finalize, PackAndWrite, TokenizeDocs
+from slmlab.data.packing import Finalize, PackAndWrite, TokenizeDocs, pack_cuts, pack_group
 from slmlab.data.sources import FATAL, FMT_CHAT, TRAIN, VAL, _usable, file_digest, read_documents, resolve_source
 from slmlab.data.tokenizer import EOS, PAD, load_tokenizer, token_byte_lengths, train_bpe, write_transformers_config
 
-FORMAT_VERSION = 2  # bump when the shard layout or packing changes: old cache entries are ignored
+FORMAT_VERSION = 3  # bump when the shard layout or packing changes: old cache entries are ignored
 MAX_EXAMPLES = 10  # bad-record examples kept per source: the first of each kind of problem
 SPLITS = ((TRAIN, "train"), (VAL, "val"))
 
@@ -107,7 +110,9 @@ def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_p
         "seed": cfg.seed,
         "data": cfg.data.model_dump(mode="json", exclude={"tokenize_concurrency", "shuffle_buffer"}),
         # a reused tokenizer is identified by its content; a trained one by its settings (+ the data)
-        "tokenizer": {"reused": file_digest(str(tokenizer_path))} if tokenizer_path else cfg.tokenizer.model_dump(mode="json"),
+        "tokenizer": {"reused": file_digest(str(tokenizer_path))}
+        if tokenizer_path
+        else cfg.tokenizer.model_dump(mode="json"),
         "sources": fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -119,14 +124,19 @@ def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_p
 
 @contextlib.contextmanager
 def _ordered():
-    """Deterministic row order for the whole build (limits, samples, file order)."""
+    """Deterministic row order for the whole build (limits, samples, file order), and the plain
+    task-based sort shuffle for the packing groupby: on 2 CPUs the default hash shuffle took ~10x
+    longer to start than the whole packing stage."""
+    from ray.data.context import ShuffleStrategy
+
     ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
+    before = ctx.execution_options.preserve_order, ctx.shuffle_strategy
     ctx.execution_options.preserve_order = True
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         yield
     finally:
-        ctx.execution_options.preserve_order = before
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy = before
 
 
 class _SampleFilter:
@@ -136,7 +146,7 @@ class _SampleFilter:
     def __call__(self, batch: pa.Table) -> pa.Table:
         src = batch.column("source").to_numpy()
         keep = (batch.column("split").to_numpy() == TRAIN) & (batch.column("key").to_numpy() < self.p_max[src])
-        return batch.filter(pa.array(keep)).select(["source", "key", "fmt", "text", "nbytes"])
+        return batch.filter(pa.array(keep)).select(["source", "key", "u", "fmt", "text", "nbytes"])
 
 
 class _DocStats:
@@ -162,7 +172,7 @@ class _DocStats:
         for i in np.flatnonzero(~good):
             reason, s = bad[i], int(src[i])
             if reason.startswith(FATAL):
-                fatal.append(reason[len(FATAL):])
+                fatal.append(reason[len(FATAL) :])
                 continue
             cat = reason.split(" (")[0]
             bad_by.setdefault(s, {}).setdefault(cat, 0)
@@ -170,12 +180,23 @@ class _DocStats:
             ex = examples.setdefault(s, {})
             if cat not in ex and len(ex) < MAX_EXAMPLES:
                 ex[cat] = f"{where[i]}: {reason}"  # the first example of each kind of problem
-        return {"stats": [json.dumps({"docs": docs.tolist(), "bytes": byts.tolist(), "bad": bad_by, "examples": examples, "fatal": fatal})]}
+        return {
+            "stats": [
+                json.dumps(
+                    {"docs": docs.tolist(), "bytes": byts.tolist(), "bad": bad_by, "examples": examples, "fatal": fatal}
+                )
+            ]
+        }
 
 
 def _merge_doc_stats(rows: list[dict], n: int) -> dict:
-    out = {"docs": np.zeros((2, n), np.int64), "bytes": np.zeros((2, n), np.int64),
-           "bad": [dict() for _ in range(n)], "examples": [dict() for _ in range(n)], "fatal": []}
+    out = {
+        "docs": np.zeros((2, n), np.int64),
+        "bytes": np.zeros((2, n), np.int64),
+        "bad": [dict() for _ in range(n)],
+        "examples": [dict() for _ in range(n)],
+        "fatal": [],
+    }
     for row in rows:
         st = json.loads(row["stats"])
         out["docs"] += np.asarray(st["docs"], dtype=np.int64)
@@ -199,11 +220,16 @@ def _check_sources(stats: dict, resolved) -> None:
         i = r.index
         if stats["docs"][:, i].sum() == 0:
             bad = stats["bad"][i]
-            field = r.src.text_field if r.src.format == "text" else f"{r.src.messages_field} or {r.src.prompt_field}/{r.src.response_field}"
+            field = (
+                r.src.text_field
+                if r.src.format == "text"
+                else f"{r.src.messages_field} or {r.src.prompt_field}/{r.src.response_field}"
+            )
             detail = ", ".join(f"{c} ×{n}" for c, n in sorted(bad.items(), key=lambda kv: -kv[1])) or "no records"
             examples = "; ".join(list(stats["examples"][i].values())[:3])
             raise ValueError(
-                f"data.sources[{i}] ({r.src.kind} {r.src.path or 'stdlib-docs'}, field {field!r}): expected usable documents, "
+                f"data.sources[{i}] ({r.src.kind} {r.src.path or 'stdlib-docs'}, field {field!r}): "
+                f"expected usable documents, "
                 f"found none — {detail}" + (f" — e.g. {examples}" if examples else "")
             )
 
@@ -213,11 +239,12 @@ def _tokenizer_texts(rows: pa.Table, budget: np.ndarray, by_source: np.ndarray) 
     one document), then all in key order (chat: the message contents)."""
     src = rows.column("source").to_numpy()
     key = rows.column("key").to_numpy()
+    u = rows.column("u").to_numpy()
     nbytes = rows.column("nbytes").to_numpy()
     keep = np.zeros(len(src), dtype=bool)
     for i in range(len(budget)):
         idx = np.flatnonzero(src == i)
-        idx = idx[np.argsort(key[idx], kind="stable")]
+        idx = idx[np.lexsort((u[idx], key[idx]))]
         cum = np.cumsum(nbytes[idx])
         m = int(np.searchsorted(cum, budget[i], side="left"))
         if m < len(idx):
@@ -226,7 +253,9 @@ def _tokenizer_texts(rows: pa.Table, budget: np.ndarray, by_source: np.ndarray) 
         keep[idx[:m]] = True
         by_source[i] = int(nbytes[idx[:m]].sum())
     texts, fmts = rows.column("text").to_pylist(), rows.column("fmt").to_pylist()
-    return ["\n".join(c for _, c in chat.loads(texts[j])) if fmts[j] == FMT_CHAT else texts[j] for j in np.flatnonzero(keep)]
+    return [
+        "\n".join(c for _, c in chat.loads(texts[j])) if fmts[j] == FMT_CHAT else texts[j] for j in np.flatnonzero(keep)
+    ]
 
 
 def _gather(ds, columns: list[str]) -> pa.Table:
@@ -238,8 +267,12 @@ def _write_empty(folder: Path, seq_len: int) -> None:
     from ray.data.extensions import ArrowTensorArray
 
     folder.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"input_ids": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int32)),
-                      "target_mask": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int8))})
+    table = pa.table(
+        {
+            "input_ids": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int32)),
+            "target_mask": ArrowTensorArray.from_numpy(np.zeros((0, seq_len + 1), np.int8)),
+        }
+    )
     pq.write_table(table, folder / "empty.parquet")
 
 
@@ -288,7 +321,11 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     # 1. read --------------------------------------------------------------------------------
     progress(f"data: reading {S} source(s): {', '.join(labels)}")
     # blocks of a few tokenizer batches, so every tokenizer actor gets work even from one big file
-    docs_all = read_documents(resolved, cfg.seed, dc.val_fraction).repartition(target_num_rows_per_block=4 * dc.tokenize_batch_size).materialize()
+    docs_all = (
+        read_documents(resolved, cfg.seed, dc.val_fraction)
+        .repartition(target_num_rows_per_block=4 * dc.tokenize_batch_size)
+        .materialize()
+    )
     stats = _merge_doc_stats(docs_all.map_batches(_DocStats(S), batch_format="pyarrow", batch_size=None).take_all(), S)
     _check_sources(stats, resolved)
     n_bad = sum(sum(b.values()) for b in stats["bad"])
@@ -296,14 +333,19 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     progress(f"data: {n_docs:,} documents, {int(stats['bytes'].sum()):,} bytes")
     if n_bad:
         first = [e for ex in stats["examples"] for e in ex.values()][:3]
-        progress(f"data: {n_bad:,} bad records skipped (counts and examples in summary.json 'bad_records'), e.g. " + "; ".join(first))
+        progress(
+            f"data: {n_bad:,} bad records skipped (counts and examples in summary.json 'bad_records'), e.g. "
+            + "; ".join(first)
+        )
     docs = docs_all.map_batches(_usable, batch_format="pyarrow", batch_size=None)
 
     # 2. tokenizer sample, from every source by weight ------------------------------------------
     train_bytes = stats["bytes"][TRAIN].astype(np.float64)
     budget = shares * cfg.tokenizer.sample_bytes
     # candidates: with slack (2x the budget, at least 64 documents) so heavy-tailed sizes still fill it
-    p_tok = np.minimum(1.0, np.maximum(2.0 * budget / np.maximum(train_bytes, 1.0), 64.0 / np.maximum(stats["docs"][TRAIN], 1)))
+    p_tok = np.minimum(
+        1.0, np.maximum(2.0 * budget / np.maximum(train_bytes, 1.0), 64.0 / np.maximum(stats["docs"][TRAIN], 1))
+    )
     p_max = p_tok.copy() if reuse_tokenizer is None else np.zeros(S)
     part = dc.partition
     if part and part.method == "topic":
@@ -311,11 +353,23 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         p_max = np.maximum(p_max, p_topic)
     sample = None
     if p_max.max() > 0:
-        sample = _gather(docs.map_batches(_SampleFilter(p_max), batch_format="pyarrow", batch_size=None), ["source", "key", "fmt", "text", "nbytes"])
+        sample = _gather(
+            docs.map_batches(_SampleFilter(p_max), batch_format="pyarrow", batch_size=None),
+            ["source", "key", "u", "fmt", "text", "nbytes"],
+        )
     if sample is None:
-        sample = pa.table({"source": pa.array([], pa.int32()), "key": pa.array([], pa.float64()), "fmt": pa.array([], pa.int8()),
-                           "text": pa.array([], pa.string()), "nbytes": pa.array([], pa.int64())})
-    sample = sample.take(pc.sort_indices(sample, [("key", "ascending"), ("source", "ascending")]))
+        sample = pa.table(
+            {
+                "source": pa.array([], pa.int32()),
+                "key": pa.array([], pa.float64()),
+                "u": pa.array([], pa.float64()),
+                "fmt": pa.array([], pa.int8()),
+                "text": pa.array([], pa.string()),
+                "nbytes": pa.array([], pa.int64()),
+            }
+        )
+    # a fixed order whatever order Ray returned rows in (equal keys: by text hash)
+    sample = sample.take(pc.sort_indices(sample, [("key", "ascending"), ("source", "ascending"), ("u", "ascending")]))
     sample_by_source = np.zeros(S, np.int64)
     if reuse_tokenizer is not None:
         progress(f"data: reusing the tokenizer {reuse_tokenizer}")
@@ -327,8 +381,11 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
             write_transformers_config(out)
     else:
         tok_texts = _tokenizer_texts(sample, budget, sample_by_source)
-        progress(f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on {int(sample_by_source.sum()):,} bytes "
-                 f"drawn from {int((sample_by_source > 0).sum())} source(s) by weight (tokenizer.sample_bytes {cfg.tokenizer.sample_bytes:,})")
+        progress(
+            f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on "
+            f"{int(sample_by_source.sum()):,} bytes drawn from {int((sample_by_source > 0).sum())} source(s) "
+            f"by weight (tokenizer.sample_bytes {cfg.tokenizer.sample_bytes:,})"
+        )
         tok_path = train_bpe(tok_texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, out / "tokenizer.json")
         del tok_texts
     topic_model = None
@@ -336,8 +393,12 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         from slmlab.data.topics import fit_topic_model
 
         keep = pc.less(sample.column("key"), p_topic)
-        texts = [("\n".join(c for _, c in chat.loads(t)) if f == FMT_CHAT else t)
-                 for t, f in zip(sample.column("text").filter(keep).to_pylist(), sample.column("fmt").filter(keep).to_pylist())]
+        texts = [
+            ("\n".join(c for _, c in chat.loads(t)) if f == FMT_CHAT else t)
+            for t, f in zip(
+                sample.column("text").filter(keep).to_pylist(), sample.column("fmt").filter(keep).to_pylist()
+            )
+        ]
         progress(f"data: fitting TF-IDF + k-means ({part.num_partitions} topics) on {len(texts):,} documents")
         topic_model = fit_topic_model(texts, part.num_partitions, cfg.seed, part.topic_max_features)
     del sample
@@ -355,30 +416,65 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     del docs_all, docs
 
     # 4. plan ----------------------------------------------------------------------------------
-    meta_cols = ["doc_id", "source", "split", "fmt", "key", "u", "score", "ntok", "nbytes", "topic", "truncated", "lost"]
+    meta_cols = [
+        "doc_id",
+        "source",
+        "split",
+        "fmt",
+        "key",
+        "u",
+        "score",
+        "ntok",
+        "nbytes",
+        "topic",
+        "truncated",
+        "lost",
+    ]
     meta_t = _gather(tokenized, meta_cols)
+    # rows come back in whatever order Ray finished them: sort, so documents.parquet, the plan and
+    # every tie below depend on the data alone
+    meta_t = meta_t.take(
+        pc.sort_indices(meta_t, [("source", "ascending"), ("doc_id", "ascending"), ("u", "ascending")])
+    )
     meta = {c: meta_t.column(c).to_numpy(zero_copy_only=False) for c in meta_cols if c != "doc_id"}
     plan, mixture = make_plan(meta, list(weights), dc.mixture_strategy, labels, part)
     copies = plan.copies(meta["source"], meta["split"], meta["key"])
     partition = plan.partition(meta)
-    pq.write_table(pa.table({
-        "doc_id": meta_t.column("doc_id"), "source": meta_t.column("source"),
-        "split": pa.array(np.where(meta["split"] == VAL, "val", "train")),
-        "partition": pa.array(partition), "tokens": meta_t.column("ntok"), "bytes": meta_t.column("nbytes"),
-        "copies": pa.array(copies),
-    }), out / "documents.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": meta_t.column("doc_id"),
+                "source": meta_t.column("source"),
+                "split": pa.array(np.where(meta["split"] == VAL, "val", "train")),
+                "partition": pa.array(partition),
+                "tokens": meta_t.column("ntok"),
+                "bytes": meta_t.column("nbytes"),
+                "copies": pa.array(copies),
+            }
+        ),
+        out / "documents.parquet",
+    )
 
-    # 5. apply, interleave, pack, write --------------------------------------------------------
-    final = tokenized.map_batches(Finalize(plan), batch_format="pyarrow", batch_size=None)
-    if S > 1 or copies.max(initial=0) > 1:
-        final = final.random_shuffle(seed=cfg.seed)
+    # 5. apply, group, pack, write --------------------------------------------------------------
+    # packing groups (runs of pack_batch_size copies in seeded key order, sources interleaved) are
+    # decided here, so the blocks do not depend on how Ray batches or orders rows
+    cuts = pack_cuts(meta["split"], partition, meta["key"], copies, dc.pack_batch_size)
+    final = tokenized.map_batches(Finalize(plan, cuts), batch_format="pyarrow", batch_size=None)
     tok = load_tokenizer(tok_path)
     byte_lengths = np.asarray(token_byte_lengths(tok), dtype=np.int64)
-    progress(f"data: packing into blocks of {dc.seq_len + 1} tokens" + (f" in {plan.num_partitions} {plan.method} partitions" if part else ""))
-    packed = final.map_batches(
-        PackAndWrite(str(out), dc.seq_len, tok.token_to_id(EOS), tok.token_to_id(PAD), byte_lengths, part is not None),
-        batch_size=dc.pack_batch_size, batch_format="pyarrow",
-    ).take_all()
+    progress(
+        f"data: packing into blocks of {dc.seq_len + 1} tokens"
+        + (f" in {plan.num_partitions} {plan.method} partitions" if part else "")
+    )
+    writer = PackAndWrite(
+        str(out), dc.seq_len, tok.token_to_id(EOS), tok.token_to_id(PAD), byte_lengths, part is not None
+    )
+    n_groups = sum(len(c) + 1 for c in cuts.values())  # one shuffle partition per group: no idle reduce tasks
+    packed = (
+        final.groupby("group", num_partitions=max(1, min(n_groups, 200)))
+        .map_groups(pack_group, fn_kwargs={"writer": writer}, batch_format="pyarrow")
+        .take_all()
+    )
 
     files = {r["file"] for r in packed}
     for split_dir in (out / "train", out / "val"):
@@ -405,10 +501,18 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
             g[f] += int(r[f])
     for g in groups:
         if got[g]["tokens"] != want[g]:
-            raise RuntimeError(f"data: packing lost or duplicated tokens in split {SPLITS[g[0]][1]} partition {g[1]}: planned {want[g]}, packed {got[g]['tokens']}")
+            raise RuntimeError(
+                f"data: packing lost or duplicated tokens in split {SPLITS[g[0]][1]} partition {g[1]}: "
+                f"planned {want[g]}, packed {got[g]['tokens']}"
+            )
 
-    summary: dict = {"format_version": FORMAT_VERSION, "seq_len": dc.seq_len, "seed": cfg.seed, "vocab_size": tok.get_vocab_size(),
-                     "documents_read": n_docs}
+    summary: dict = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": dc.seq_len,
+        "seed": cfg.seed,
+        "vocab_size": tok.get_vocab_size(),
+        "documents_read": n_docs,
+    }
     for s, name in SPLITS:
         tot = {f: sum(got[g][f] for g in groups if g[0] == s) for f in ("tokens", "bytes", "blocks", "pad")}
         tot["documents"] = int(used[meta["split"] == s].sum())
@@ -416,45 +520,69 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         tot["utilization"] = tot["tokens"] / max(1, tot["blocks"] * dc.seq_len)
         summary[name] = tot
     if summary["val"]["blocks"] == 0 or summary["train"]["blocks"] == 0:
-        raise ValueError(f"data: expected documents on both sides of the split, found train={summary['train']['blocks']} val={summary['val']['blocks']} blocks (raise data.val_fraction or add text)")
+        raise ValueError(
+            f"data: expected documents on both sides of the split, found train={summary['train']['blocks']} "
+            f"val={summary['val']['blocks']} blocks (raise data.val_fraction or add text)"
+        )
 
     summary["sources"] = []
     for r in resolved:
         i = r.index
-        summary["sources"].append({
-            "label": r.label, "kind": r.src.kind, "path": r.src.path, "format": r.src.format, "weight": r.src.weight,
-            "files": len(r.files) if not r.uri else None,
-            # what was read: blake2b over the files' contents (local), else the name/URI (+ revision)
-            "content_digest": hashlib.blake2b(json.dumps(r.fingerprint, sort_keys=True, default=str).encode(), digest_size=12).hexdigest(),
-            "documents": int(stats["docs"][:, i].sum()), "bytes": int(stats["bytes"][:, i].sum()),
-            "requested_share": float(shares[i]),
-            "achieved_share": {name: mixture["achieved"][name][r.label] for _, name in SPLITS},
-            "sampling_rate": mixture["rates"][r.label],
-            "tokenizer_sample_bytes": int(sample_by_source[i]),
-            "bad_records": int(sum(stats["bad"][i].values())),
-            "documents_capped": r.capped,  # usable documents left out by max_documents
-        })
+        summary["sources"].append(
+            {
+                "label": r.label,
+                "kind": r.src.kind,
+                "path": r.src.path,
+                "format": r.src.format,
+                "weight": r.src.weight,
+                "files": len(r.files) if not r.uri else None,
+                # what was read: blake2b over the files' contents (local), else the name/URI (+ revision)
+                "content_digest": hashlib.blake2b(
+                    json.dumps(r.fingerprint, sort_keys=True, default=str).encode(), digest_size=12
+                ).hexdigest(),
+                "documents": int(stats["docs"][:, i].sum()),
+                "bytes": int(stats["bytes"][:, i].sum()),
+                "requested_share": float(shares[i]),
+                "achieved_share": {name: mixture["achieved"][name][r.label] for _, name in SPLITS},
+                "sampling_rate": mixture["rates"][r.label],
+                "tokenizer_sample_bytes": int(sample_by_source[i]),
+                "bad_records": int(sum(stats["bad"][i].values())),
+                "documents_capped": r.capped,  # usable documents left out by max_documents
+            }
+        )
     summary["mixture"] = mixture
     by_reason: dict = {}
     for b in stats["bad"]:
         for cat, c in b.items():
             by_reason[cat] = by_reason.get(cat, 0) + c
     summary["bad_records"] = {
-        "total": n_bad, "by_reason": by_reason,
+        "total": n_bad,
+        "by_reason": by_reason,
         "by_source": {labels[i]: stats["bad"][i] for i in range(S) if stats["bad"][i]},
         "examples": [e for ex in stats["examples"] for e in ex.values()],
     }
-    summary["tokenizer"] = {"vocab_size": tok.get_vocab_size(), "reused_from": str(reuse_tokenizer) if reuse_tokenizer else None,
-                            "sample_bytes": int(sample_by_source.sum()),
-                            "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)}}
+    summary["tokenizer"] = {
+        "vocab_size": tok.get_vocab_size(),
+        "reused_from": str(reuse_tokenizer) if reuse_tokenizer else None,
+        "sample_bytes": int(sample_by_source.sum()),
+        "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)},
+    }
     if part:
-        summary["partitions"] = {"method": part.method, "num_partitions": part.num_partitions,
-                                 **({"score": part.score} if part.method == "curriculum" else {})}
+        summary["partitions"] = {
+            "method": part.method,
+            "num_partitions": part.num_partitions,
+            **({"score": part.score} if part.method == "curriculum" else {}),
+        }
         for s, name in SPLITS:
             summary["partitions"][name] = [
-                {"partition": k, "documents": int(used[(meta["split"] == s) & (partition == k)].sum()),
-                 "tokens": got[(s, k)]["tokens"], "blocks": got[(s, k)]["blocks"]}
-                for k in range(part.num_partitions)]
+                {
+                    "partition": k,
+                    "documents": int(used[(meta["split"] == s) & (partition == k)].sum()),
+                    "tokens": got[(s, k)]["tokens"],
+                    "blocks": got[(s, k)]["blocks"],
+                }
+                for k in range(part.num_partitions)
+            ]
     else:
         summary["partitions"] = None
     is_chat = fmt == FMT_CHAT

@@ -23,6 +23,7 @@ task, so bad lines/rows are counted one by one with their position), which also 
 files, folders (recursive; hidden ``.``/``_`` names skipped) or globs, expanded here so the cache key
 can hash their contents.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,19 +48,21 @@ FATAL = "FATAL: "  # prefix of a bad-record reason that makes the whole build fa
 TRAIN, VAL = 0, 1
 FMT_TEXT, FMT_CHAT = 0, 1
 
-DOC_SCHEMA = pa.schema([
-    ("source", pa.int32()),
-    ("doc_id", pa.string()),
-    ("fmt", pa.int8()),
-    ("text", pa.string()),  # the document, or the chat record as JSON [[role, content], ...]
-    ("nbytes", pa.int64()),  # UTF-8 bytes of the text (chat: of the message contents)
-    ("score", pa.float64()),  # score_field value (NaN when unset)
-    ("split", pa.int8()),  # TRAIN / VAL, by a hash of the text (equal texts, same side), or by split_at (embedded)
-    ("key", pa.float64()),  # uniform [0, 1) per document, by seed: sampling, mixture, order
-    ("u", pa.float64()),  # uniform [0, 1) per text, by seed: random partitions
-    ("bad", pa.string()),  # "" for a usable document, else why the record was not used
-    ("where", pa.string()),
-])
+DOC_SCHEMA = pa.schema(
+    [
+        ("source", pa.int32()),
+        ("doc_id", pa.string()),
+        ("fmt", pa.int8()),
+        ("text", pa.string()),  # the document, or the chat record as JSON [[role, content], ...]
+        ("nbytes", pa.int64()),  # UTF-8 bytes of the text (chat: of the message contents)
+        ("score", pa.float64()),  # score_field value (NaN when unset)
+        ("split", pa.int8()),  # TRAIN / VAL, by a hash of the text (equal texts, same side), or by split_at (embedded)
+        ("key", pa.float64()),  # uniform [0, 1) per document, by seed: sampling, mixture, order
+        ("u", pa.float64()),  # uniform [0, 1) per text, by seed: random partitions
+        ("bad", pa.string()),  # "" for a usable document, else why the record was not used
+        ("where", pa.string()),
+    ]
+)
 
 _JSONL_EXT = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 _PARQUET_EXT = (".parquet",)
@@ -110,7 +113,9 @@ def _list_local(path: str, exts: tuple[str, ...] | None) -> list[str]:
         out = []
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
-            out += [os.path.join(root, f) for f in sorted(files) if not _hidden(f) and (exts is None or f.endswith(exts))]
+            out += [
+                os.path.join(root, f) for f in sorted(files) if not _hidden(f) and (exts is None or f.endswith(exts))
+            ]
         return out
     if os.path.lexists(path):
         return [path]
@@ -155,7 +160,9 @@ def resolve_source(index: int, src: SourceConfig, cache_dir: Path) -> Resolved:
         entry["unreadable"] = [p for p, _ in res.unreadable]
     elif src.kind == "hf_disk" or (src.kind == "hf" and os.path.isdir(src.path)):
         if not os.path.isdir(src.path):
-            raise FileNotFoundError(f"{where}: expected a folder written by datasets' save_to_disk, found no such folder")
+            raise FileNotFoundError(
+                f"{where}: expected a folder written by datasets' save_to_disk, found no such folder"
+            )
         files = _list_local(src.path, None)
         with ThreadPoolExecutor(4) as pool:
             entry["files"] = [[os.path.relpath(p, src.path), d] for p, d in zip(files, pool.map(file_digest, files))]
@@ -189,8 +196,15 @@ class Rows:
         self.index, self.src, self.seed, self.val_fraction = index, src, seed, val_fraction
         self.cols = {name: [] for name in DOC_SCHEMA.names}
 
-    def doc(self, doc_id: str, text: str, nbytes: int, score: float = math.nan, fmt: int = FMT_TEXT,
-            split_at: float | None = None) -> None:
+    def doc(
+        self,
+        doc_id: str,
+        text: str,
+        nbytes: int,
+        score: float = math.nan,
+        fmt: int = FMT_TEXT,
+        split_at: float | None = None,
+    ) -> None:
         """``split_at``: the document's place on the embedded corpora's held-out circle (shared by the
         pretraining text and the Q/A answers drawn from it); otherwise the split follows the text."""
         h = hashlib.blake2b(f"{self.seed}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -199,7 +213,9 @@ class Rows:
         else:
             turn = _unit(hashlib.blake2b(f"{self.seed}\x00held-out".encode(), digest_size=8).digest())
             held_out = (split_at + turn) % 1.0 < self.val_fraction
-        k = hashlib.blake2b(f"{self.seed}\x00{self.index}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        k = hashlib.blake2b(
+            f"{self.seed}\x00{self.index}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8
+        ).digest()
         c = self.cols
         c["source"].append(self.index)
         c["doc_id"].append(doc_id)
@@ -215,8 +231,19 @@ class Rows:
 
     def bad(self, where: str, reason: str) -> None:
         c = self.cols
-        for name, v in (("source", self.index), ("doc_id", ""), ("fmt", FMT_TEXT), ("text", ""), ("nbytes", 0),
-                        ("score", math.nan), ("split", TRAIN), ("key", 0.0), ("u", 0.0), ("bad", reason), ("where", where)):
+        for name, v in (
+            ("source", self.index),
+            ("doc_id", ""),
+            ("fmt", FMT_TEXT),
+            ("text", ""),
+            ("nbytes", 0),
+            ("score", math.nan),
+            ("split", TRAIN),
+            ("key", 0.0),
+            ("u", 0.0),
+            ("bad", reason),
+            ("where", where),
+        ):
             c[name].append(v)
 
     def record(self, rec: dict, where: str, default_id: str) -> None:
@@ -225,8 +252,16 @@ class Rows:
         score = math.nan
         if src.score_field:
             v = rec.get(src.score_field)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
-                return self.bad(where, f"field {src.score_field!r} is {_type(v) if v is not None else 'missing'}, expected a finite number")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float, np.integer, np.floating))
+                or not math.isfinite(float(v))
+            ):
+                return self.bad(
+                    where,
+                    f"field {src.score_field!r} is {_type(v) if v is not None else 'missing'}, "
+                    "expected a finite number",
+                )
             score = float(v)
         doc_id = str(rec[src.id_field]) if src.id_field and rec.get(src.id_field) is not None else default_id
         split_at = None
@@ -247,7 +282,9 @@ class Rows:
         self.doc(doc_id, text, len(text.encode("utf-8", "surrogatepass")), score, split_at=split_at)
 
     def table(self) -> pa.Table:
-        return pa.table({n: pa.array(self.cols[n], type=DOC_SCHEMA.field(n).type) for n in DOC_SCHEMA.names}, schema=DOC_SCHEMA)
+        return pa.table(
+            {n: pa.array(self.cols[n], type=DOC_SCHEMA.field(n).type) for n in DOC_SCHEMA.names}, schema=DOC_SCHEMA
+        )
 
 
 def _lines(path: str, data: bytes, rows: Rows):
@@ -325,7 +362,10 @@ def parse_jsonl(path: str, data: bytes, rows: Rows) -> None:
             missing += 1
         rows.record(rec, where, where)
     if records and missing == records:
-        rows.bad(path, f"{FATAL}{path}: no record has field {_fields_of(src)} (fields found: {', '.join(sorted(seen_keys)[:20])})")
+        rows.bad(
+            path,
+            f"{FATAL}{path}: no record has field {_fields_of(src)} (fields found: {', '.join(sorted(seen_keys)[:20])})",
+        )
 
 
 def _has_field(rec: dict, src: SourceConfig) -> bool:
@@ -403,7 +443,10 @@ class NormalizeRecords:
         src = rows.src
         names = set(batch.column_names)
         if batch.num_rows and not names.intersection(_wanted(src)):
-            rows.bad(self.where, f"{FATAL}{self.where}: expected column {_fields_of(src)}, found columns {sorted(names - {'__row__'})}")
+            rows.bad(
+                self.where,
+                f"{FATAL}{self.where}: expected column {_fields_of(src)}, found columns {sorted(names - {'__row__'})}",
+            )
             return rows.table()
         for rec in batch.to_pylist():
             row = rec.pop("__row__", None)  # the row number (datasets held locally)
@@ -432,7 +475,9 @@ def _hf_dataset(res: Resolved):
                 raise ValueError(f"{where}: expected split {src.split!r}, found splits {sorted(ds)}")
             ds = ds[src.split]
     else:
-        ds = datasets.load_dataset(src.path, src.subset, split=src.split, streaming=src.streaming, revision=src.revision)
+        ds = datasets.load_dataset(
+            src.path, src.subset, split=src.split, streaming=src.streaming, revision=src.revision
+        )
     cols = getattr(ds, "column_names", None)
     if cols and not set(cols).intersection(_wanted(src)):
         raise ValueError(f"{where}: expected field {_fields_of(src)}, found columns {sorted(cols)}")
@@ -488,8 +533,13 @@ def read_source(res: Resolved, seed: int, val_fraction: float):
             except (pa.ArrowException, OSError):
                 continue  # not parquet: counted as an unreadable file when parsed
             if not set(names).intersection(_wanted(src)):
-                raise ValueError(f"data.sources[{res.index}] ({res.label}): {f}: expected column {_fields_of(src)}, found columns {names}")
-        ds = ray.data.read_binary_files(res.uri or res.files, include_paths=True, file_extensions=["parquet"] if res.uri else None)
+                raise ValueError(
+                    f"data.sources[{res.index}] ({res.label}): {f}: expected column {_fields_of(src)}, "
+                    f"found columns {names}"
+                )
+        ds = ray.data.read_binary_files(
+            res.uri or res.files, include_paths=True, file_extensions=["parquet"] if res.uri else None
+        )
         ds = ds.map_batches(ParseFiles(*args), batch_size=1, batch_format="pyarrow")
     else:
         ds = _hf_to_ray(res, _hf_dataset(res))

@@ -9,6 +9,7 @@ text: a corpus that literally contains ``<|end|>`` gets the 7 bytes, never the c
 would count 0 bytes in bits per byte and could forge chat turns). Control tokens come only from
 structure (EOS between documents, role markers around chat messages).
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ The model is fitted on a bounded sample of training documents, given in a fixed 
 their seeded key), so the same corpus and seed give the same clusters; it then labels every
 document inside the Ray tokenizer actors.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,10 @@ def fit_topic_model(texts: list[str], num_topics: int, seed: int, max_features: 
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     if len(texts) < num_topics:
-        raise ValueError(f"data.partition: expected at least num_partitions={num_topics} training documents to cluster, found {len(texts)}")
+        raise ValueError(
+            f"data.partition: expected at least num_partitions={num_topics} training documents to cluster, "
+            f"found {len(texts)}"
+        )
     vectorizer = TfidfVectorizer(
         max_features=max_features,
         sublinear_tf=True,

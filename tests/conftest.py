@@ -12,7 +12,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own sqlite store 
 os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared/data; SLMLAB_SHARED_DATA=/nonexistent runs the suite as on a fresh clone without it
+SHARED_DATA = Path(os.environ.get("SLMLAB_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,11 @@
 mixture, exact token conservation, cache reuse and content hashing, topic partitions (twice, for
 determinism), instruction data masks, and the bad-input report.
 
-Real text = ../shared/data (tinyshakespeare, wikitext-2) when present, else the embedded corpus.
+Real text = ../shared/data (tinyshakespeare, wikitext-2) when present; else two kinds of text this
+project's own environment ships: stdlib documentation (the embedded corpus) and the license texts
+plus scikit-learn dataset descriptions installed with its dependencies.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,7 +29,7 @@ from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, PAD, SYSTEM, USER, l
 
 pytestmark = pytest.mark.timeout(300)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 def paragraphs(text: str) -> list[str]:
@@ -42,22 +45,50 @@ def corpus(tmp_path_factory) -> dict:
     if (SHARED / "tinyshakespeare" / "input.txt").exists() and (SHARED / "wikitext-2" / "valid.txt").exists():
         play = SHARED / "tinyshakespeare" / "input.txt"
         wiki = [p.strip() for p in paragraphs((SHARED / "wikitext-2" / "valid.txt").read_text(encoding="utf-8"))]
-    else:  # the embedded stdlib docs stand in
+    else:  # stdlib docs (not those the embedded source reads first) vs legal and dataset prose
         from slmlab.data.embedded import iter_documents
 
         docs = [t for _, t in itertools.islice(iter_documents(), 400)]
         play = root / "play.txt"
-        play.write_text("\n\n".join(docs[:200]), encoding="utf-8")
-        wiki = [p.strip() for d in docs[200:] for p in paragraphs(d)]
+        play.write_text("\n\n".join(docs[200:]), encoding="utf-8")
+        wiki = list(dict.fromkeys(p.strip() for p in shipped_prose() if len(p.strip()) > 20))  # unique, in order
+        assert len(wiki) > 1500, "expected the installed dependencies' license texts"
     return {"root": root, "play": play, "wiki": [w for w in wiki if len(w) > 20]}
 
 
+def shipped_prose() -> list[str]:
+    """Paragraphs of the license files in the venv's *.dist-info folders and of scikit-learn's dataset
+    descriptions: real English, of a kind unlike Python documentation, present wherever slmlab installs."""
+    import sysconfig
+
+    import sklearn
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    files = sorted(
+        p for p in site.glob("*.dist-info/**/*") if p.is_file() and p.name.upper().startswith(("LICEN", "COPY"))
+    )
+    files += sorted((Path(sklearn.__file__).parent / "datasets" / "descr").glob("*.rst"))
+    return [p for f in files for p in paragraphs(f.read_text(encoding="utf-8", errors="replace"))]
+
+
 def pipeline(run_dir: Path, data: dict, **tokenizer) -> object:
-    return validate_pipeline({
-        "name": "datatest", "seed": 11, "run_dir": str(run_dir), "data": data,
-        "tokenizer": {"vocab_size": 600, **tokenizer},
-        "model": {"family": "vectorslm", "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256},
-    })
+    return validate_pipeline(
+        {
+            "name": "datatest",
+            "seed": 11,
+            "run_dir": str(run_dir),
+            "data": data,
+            "tokenizer": {"vocab_size": 600, **tokenizer},
+            "model": {
+                "family": "vectorslm",
+                "dim": 32,
+                "n_layers": 1,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "max_seq_len": 256,
+            },
+        }
+    )
 
 
 def read_blocks(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,11 +123,15 @@ def mixture(ray_local, corpus, tmp_path_factory):
     wiki = corpus["wiki"]
     third = len(wiki) // 3
     (root / "wiki.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki[:third]), encoding="utf-8")
-    pq.write_table(pa.table({"body": wiki[third : 2 * third], "n": list(range(2 * third - third))}), root / "wiki.parquet")
+    pq.write_table(
+        pa.table({"body": wiki[third : 2 * third], "n": list(range(2 * third - third))}), root / "wiki.parquet"
+    )
     datasets.Dataset.from_dict({"content": wiki[2 * third :]}).save_to_disk(str(root / "wiki_hf"))
     (root / "hf_local").mkdir()
     half = corpus["play"].read_text(encoding="utf-8")[:300_000]
-    (root / "hf_local" / "play.jsonl").write_text("".join(json.dumps({"line": p}) + "\n" for p in paragraphs(half)), encoding="utf-8")
+    (root / "hf_local" / "play.jsonl").write_text(
+        "".join(json.dumps({"line": p}) + "\n" for p in paragraphs(half)), encoding="utf-8"
+    )
     data = {
         "sources": [
             {"kind": "text", "path": str(corpus["play"]), "weight": 3},
@@ -146,7 +181,9 @@ def test_tokenizer_sample_is_drawn_from_every_source_by_weight(mixture):
     assert by_source.sum() <= 1.05 * cfg.tokenizer.sample_bytes
     weights = np.array([src.weight for src in cfg.data.sources])
     share = by_source / by_source.sum()
-    big_enough = np.array([src["bytes"] > 1.2 * w / weights.sum() * cfg.tokenizer.sample_bytes for src, w in zip(s["sources"], weights)])
+    big_enough = np.array(
+        [src["bytes"] > 1.2 * w / weights.sum() * cfg.tokenizer.sample_bytes for src, w in zip(s["sources"], weights)]
+    )
     assert big_enough.sum() >= 3
     ratio = share[big_enough] / (weights[big_enough] / weights.sum())
     # proportional to the weights (to within whole documents), not first-source-first
@@ -163,7 +200,9 @@ def test_shards_have_the_contract_layout(mixture):
     assert s["vocab_size"] == load_tokenizer(shards.tokenizer_path).get_vocab_size()
     assert 1.0 < s["train"]["bytes_per_token"] < 6.0 and s["train"]["utilization"] > 0.95
     metrics = summary_for_mlflow(shards)
-    assert metrics["data/train_tokens"] == s["train"]["tokens"] and metrics["data/source_0/share_requested"] == pytest.approx(0.375)
+    assert metrics["data/train_tokens"] == s["train"]["tokens"] and metrics[
+        "data/source_0/share_requested"
+    ] == pytest.approx(0.375)
     assert all(isinstance(v, float) for v in metrics.values())
     with pytest.raises(ValueError, match="not partitioned"):
         shards.partition_dir(0)
@@ -176,7 +215,9 @@ def test_shards_have_the_contract_layout(mixture):
 @pytest.fixture(scope="module")
 def plain(ray_local, corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
-    cfg = pipeline(root / "runs", {"sources": [{"kind": "text", "path": str(corpus["play"])}], "seq_len": 48, "val_fraction": 0.05})
+    cfg = pipeline(
+        root / "runs", {"sources": [{"kind": "text", "path": str(corpus["play"])}], "seq_len": 48, "val_fraction": 0.05}
+    )
     messages = []
     return cfg, build_shards(cfg, progress=messages.append), messages
 
@@ -195,6 +236,30 @@ def test_every_token_is_packed_exactly_once(plain, corpus):
     assert s["train"]["tokens"] + s["val"]["tokens"] == expected
     assert s["train"]["documents"] + s["val"]["documents"] == len(docs) == s["documents_read"]
     assert s["train"]["bytes"] + s["val"]["bytes"] == sum(len(d.encode()) for d in docs)
+
+
+def packed_documents(folder: Path, tok) -> list[str]:
+    """The text documents in a shards folder, decoded: every stream token after the first is a target
+    in exactly one block and each document is followed by EOS, so the targets split at EOS are the
+    documents."""
+    eos = tok.token_to_id(EOS)
+    ids, mask = read_blocks(folder)
+    targets = ids[mask.astype(bool)]
+    pieces = np.split(targets, np.flatnonzero(targets == eos) + 1)[:-1]  # each ends with its EOS
+    return [tok.decode(piece[:-1].tolist()) for piece in pieces]
+
+
+@pytest.mark.parametrize("build", ["plain", "mixture"])
+def test_no_validation_document_is_in_the_training_shards(build, request):
+    shards = request.getfixturevalue(build)[1]
+    tok = load_tokenizer(shards.tokenizer_path)
+    val, train = packed_documents(shards.val_dir, tok), packed_documents(shards.train_dir, tok)
+    s = shards.summary
+    assert len(val) == s["val"]["documents"] > 10 and len(train) == s["train"]["documents"]
+    shared = set(val) & set(train)
+    assert not shared, f"{len(shared)} validation documents are also training documents, e.g. {sorted(shared)[:2]}"
+    docs = pq.read_table(shards.documents_path).to_pandas()
+    assert docs.groupby(["source", "doc_id"])["split"].nunique().max() == 1  # one side per document in the table too
 
 
 def test_second_build_reuses_the_cache(plain):
@@ -235,8 +300,15 @@ def topic_data(ray_local, corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("topic")
     wiki = root / "wiki.jsonl"
     wiki.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus["wiki"][:1500]), encoding="utf-8")
-    data = {"sources": [{"kind": "text", "path": str(corpus["play"]), "weight": 1}, {"kind": "jsonl", "path": str(wiki), "weight": 1}],
-            "seq_len": 64, "val_fraction": 0.1, "partition": {"method": "topic", "num_partitions": 3}}
+    data = {
+        "sources": [
+            {"kind": "text", "path": str(corpus["play"]), "weight": 1},
+            {"kind": "jsonl", "path": str(wiki), "weight": 1},
+        ],
+        "seq_len": 64,
+        "val_fraction": 0.1,
+        "partition": {"method": "topic", "num_partitions": 3},
+    }
     builds = [build_shards(pipeline(root / f"runs{i}", data), progress=lambda m: None) for i in range(2)]
     return data, builds
 
@@ -260,7 +332,9 @@ def test_topic_partitions_are_written_recorded_and_deterministic(topic_data):
     _, mask = read_blocks(shards.train_dir)
     assert int(mask.sum()) == s["train"]["tokens"]
     # both sources' documents are spread by topic: the play and the encyclopedia mostly part ways
-    purity = docs[docs["copies"] > 0].groupby("partition")["source"].agg(lambda x: x.value_counts(normalize=True).iloc[0])
+    purity = (
+        docs[docs["copies"] > 0].groupby("partition")["source"].agg(lambda x: x.value_counts(normalize=True).iloc[0])
+    )
     assert purity.mean() > 0.8
     # same corpus, same seed, another run dir → the same partition for every document
     other = pq.read_table(twin.documents_path).to_pandas()
@@ -304,16 +378,29 @@ def instruct(ray_local, corpus, plain, tmp_path_factory):
     for i in range(0, len(paras) - 1, 2):
         q, a = paras[i][:120], paras[i + 1][:120]
         if i % 4 == 0:
-            records.append({"messages": [{"role": "system", "content": "You answer in verse."}, {"role": "user", "content": q},
-                                         {"role": "assistant", "content": a}, {"role": "user", "content": "More?"},
-                                         {"role": "assistant", "content": "No more."}]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "You answer in verse."},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                        {"role": "user", "content": "More?"},
+                        {"role": "assistant", "content": "No more."},
+                    ]
+                }
+            )
         else:
             records.append({"prompt": q, "response": a})
     records.append({"prompt": "Tell me everything. " * 5, "response": " ".join(paras[:40])})  # truncated, keeps targets
-    records.append({"prompt": " ".join(paras[40:80]), "response": "Too late."})  # truncated before the answer: no targets
+    records.append(
+        {"prompt": " ".join(paras[40:80]), "response": "Too late."}
+    )  # truncated before the answer: no targets
     path = root / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    cfg = pipeline(root / "runs", {"sources": [{"kind": "jsonl", "path": str(path), "format": "chat"}], "seq_len": 192, "val_fraction": 0.1})
+    cfg = pipeline(
+        root / "runs",
+        {"sources": [{"kind": "jsonl", "path": str(path), "format": "chat"}], "seq_len": 192, "val_fraction": 0.1},
+    )
     return records, build_shards(cfg, progress=lambda m: None, tokenizer_path=plain[1].tokenizer_path)
 
 
@@ -345,7 +432,12 @@ def test_instruction_masks_and_packing(instruct):
         lost += sum(full_mask) - sum(mask)
         empty += sum(mask) == 0
     s = shards.summary
-    assert s["instruct"] == {"examples": len(records), "examples_truncated": truncated, "targets_truncated": lost, "examples_without_targets": empty}
+    assert s["instruct"] == {
+        "examples": len(records),
+        "examples_truncated": truncated,
+        "targets_truncated": lost,
+        "examples_without_targets": empty,
+    }
     assert 2 <= truncated < len(records) // 10 and empty == 1
     end, pad = tok.token_to_id(END_TURN), tok.token_to_id(PAD)
     starts = {tok.token_to_id(SYSTEM), tok.token_to_id(USER)}
@@ -380,8 +472,14 @@ def messy(ray_local, corpus, tmp_path_factory):
     folder.mkdir()
     good = corpus["wiki"][:400]
     (folder / "a_good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in good), encoding="utf-8")
-    bad_lines = [json.dumps({"text": good[0]}), "{broken json", json.dumps({"text": 42}), json.dumps({"title": "no text"}),
-                 json.dumps({"text": ""}), json.dumps("just a string")]
+    bad_lines = [
+        json.dumps({"text": good[0]}),
+        "{broken json",
+        json.dumps({"text": 42}),
+        json.dumps({"title": "no text"}),
+        json.dumps({"text": ""}),
+        json.dumps("just a string"),
+    ]
     (folder / "b_bad.jsonl").write_bytes(("\n".join(bad_lines) + "\n").encode() + b'{"text": "caf\xe9"}\n')
     (folder / "c_empty.jsonl").write_bytes(b"")
     os.symlink(root / "nowhere.jsonl", folder / "d_missing.jsonl")
@@ -389,8 +487,14 @@ def messy(ray_local, corpus, tmp_path_factory):
     raw = corpus["play"].read_bytes()[:200_000]
     cut = raw.index(b"\n", 1000) + 1
     text.write_bytes(raw[:cut] + b"Bad \xff\xfe line\n" + raw[cut:])
-    data = {"sources": [{"kind": "jsonl", "path": str(folder)}, {"kind": "text", "path": str(text), "doc_separator": "line"}],
-            "seq_len": 32, "val_fraction": 0.1}
+    data = {
+        "sources": [
+            {"kind": "jsonl", "path": str(folder)},
+            {"kind": "text", "path": str(text), "doc_separator": "line"},
+        ],
+        "seq_len": 32,
+        "val_fraction": 0.1,
+    }
     messages = []
     return root, folder, text, build_shards(pipeline(root / "runs", data), progress=messages.append), messages
 
@@ -398,13 +502,26 @@ def messy(ray_local, corpus, tmp_path_factory):
 def test_bad_records_are_counted_and_located(messy):
     root, folder, text, shards, messages = messy
     bad = shards.summary["bad_records"]
-    assert bad["by_reason"] == {"invalid JSON": 1, "field 'text' is int, expected a string": 1, "missing field 'text'": 1,
-                                "empty text": 1, "not a JSON object": 1, "not UTF-8": 2, "empty file": 1, "unreadable file": 1}
+    assert bad["by_reason"] == {
+        "invalid JSON": 1,
+        "field 'text' is int, expected a string": 1,
+        "missing field 'text'": 1,
+        "empty text": 1,
+        "not a JSON object": 1,
+        "not UTF-8": 2,
+        "empty file": 1,
+        "unreadable file": 1,
+    }
     assert bad["total"] == 9
     b = folder / "b_bad.jsonl"
     examples = "\n".join(bad["examples"])
-    for loc in (f"{b}:2: invalid JSON", f"{b}:3: field 'text' is int", f"{b}:7: not UTF-8", f"{folder / 'c_empty.jsonl'}: empty file",
-                f"{folder / 'd_missing.jsonl'}: unreadable file"):
+    for loc in (
+        f"{b}:2: invalid JSON",
+        f"{b}:3: field 'text' is int",
+        f"{b}:7: not UTF-8",
+        f"{folder / 'c_empty.jsonl'}: empty file",
+        f"{folder / 'd_missing.jsonl'}: unreadable file",
+    ):
         assert loc in examples
     raw = text.read_bytes()
     line = raw[: raw.index(b"Bad \xff")].count(b"\n") + 1
@@ -419,7 +536,9 @@ def test_entirely_bad_source_is_an_error_naming_it(ray_local, tmp_path, corpus):
     good.write_text("\n\n".join(corpus["wiki"][:50]), encoding="utf-8")
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"text": 1}\n{"text": null}\nnot json\n', encoding="utf-8")
-    cfg = pipeline(tmp_path / "runs", {"sources": [{"kind": "text", "path": str(good)}, {"kind": "jsonl", "path": str(junk)}]})
+    cfg = pipeline(
+        tmp_path / "runs", {"sources": [{"kind": "text", "path": str(good)}, {"kind": "jsonl", "path": str(junk)}]}
+    )
     with pytest.raises(ValueError) as err:
         build_shards(cfg, progress=lambda m: None)
     msg = str(err.value)
@@ -435,7 +554,10 @@ def test_missing_text_field_names_file_and_field(ray_local, tmp_path, corpus):
     with pytest.raises(ValueError, match=r"recs\.jsonl: no record has field 'text' \(fields found: body\)"):
         build_shards(cfg, progress=lambda m: None)
     pq.write_table(pa.table({"body": corpus["wiki"][:20]}), tmp_path / "recs.parquet")
-    cfg = pipeline(tmp_path / "runs", {"sources": [{"kind": "parquet", "path": str(tmp_path / "recs.parquet"), "text_field": "content"}]})
+    cfg = pipeline(
+        tmp_path / "runs",
+        {"sources": [{"kind": "parquet", "path": str(tmp_path / "recs.parquet"), "text_field": "content"}]},
+    )
     with pytest.raises(ValueError, match=r"recs\.parquet: expected column 'content', found columns \['body'\]"):
         build_shards(cfg, progress=lambda m: None)
 

@@ -415,3 +415,22 @@ def test_finalize_repeats_and_packs_every_copy(tmp_path):
         mask = np.concatenate([c.to_numpy() for c in pq.read_table(path).column("target_mask").chunks])
         assert int(mask.sum()) == tokens and f"part-{p:03d}" in path and ("/val/" in path) == bool(s)
     assert writer(out)["file"].tolist() == stats["file"].tolist()  # a retried batch overwrites, never duplicates
+
+
+def test_longest_document_is_measured_in_chunks_without_reading_small_files(tmp_path, monkeypatch):
+    from slmlab.data import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 10)
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"short\n" + b"x" * 25 + b"\nmid-length\n" + b"tail without newline")
+    assert sources.longest_document_bytes(str(lines), whole_file=False, chunk=7) == 25  # spans 4 chunks
+    assert sources.longest_document_bytes(str(lines), whole_file=True) == lines.stat().st_size
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"0123456789")  # at the limit: not scanned, its size stands in
+    assert sources.longest_document_bytes(str(small), whole_file=False) == 10
+    src = sources.SourceConfig(kind="text", path=str(lines))
+    with pytest.raises(ValueError, match=r"^data.sources\[3\] \(x\): .*lines.txt: expected each line under 0 MiB"):
+        sources._check_document_sizes("data.sources[3] (x)", src, [str(lines)])
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes(b"a\n" * 20)  # 40 bytes in short lines: fine
+    sources._check_document_sizes("data.sources[3] (x)", src, [str(ok)])

@@ -25,6 +25,9 @@ def quiet_ray_data() -> None:
     if verbose():
         return
     DataContext.get_current().enable_progress_bars = False
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # spend Ray's one "progress bars disabled" warning
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -56,7 +59,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             "ray was imported before slmlab with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset: local Ray may "
             "advertise a non-loopback address; import slmlab first or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
         )
+    # Ray turns token authentication on by default for a new local cluster (good) and prints a
+    # warning line saying so; that line is not news to a user of slmlab (see cluster/README.md)
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # address="local": always a fresh Ray of our own. With address=None Ray joins whatever
+    # /tmp/ray/ray_current_cluster names, a stale entry from a killed session included, and then
+    # retries for minutes before failing; a user with a running cluster sets RAY_ADDRESS instead.
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -101,6 +101,44 @@ def file_digest(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# One document (a line, a paragraph, a JSONL record, or a whole file with separator "file") is
+# parsed in one piece by one Ray task, so its size bounds a task's memory. 64 MiB is ~16M tokens,
+# far past any context we train on; larger input is almost surely a file without line breaks.
+MAX_DOCUMENT_BYTES = 64 * 2**20
+
+
+def longest_document_bytes(path: str, whole_file: bool, chunk: int = 1 << 20) -> int:
+    """Bytes in the longest line of ``path`` (the file's size when ``whole_file``), read in chunks:
+    a file of one 2 GiB line is judged without 2 GiB in memory. Files under the limit are not read."""
+    size = os.path.getsize(path)
+    if whole_file or size <= MAX_DOCUMENT_BYTES:
+        return size
+    longest = run = 0  # run: bytes since the last newline
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            start = 0
+            while (i := block.find(b"\n", start)) != -1:
+                longest, run, start = max(longest, run + i - start), 0, i + 1
+            run += len(block) - start
+    return max(longest, run)
+
+
+def _check_document_sizes(where: str, src: SourceConfig, files: list[str]) -> None:
+    if src.kind not in ("text", "jsonl"):
+        return
+    whole = src.kind == "text" and src.separator == "file"
+    for p in files:
+        if p.endswith(".gz"):
+            continue  # compressed: its lines are not visible in its bytes
+        n = longest_document_bytes(p, whole)
+        if n > MAX_DOCUMENT_BYTES:
+            unit = "file" if whole else "line"
+            raise ValueError(
+                f"{where}: {p}: expected each {unit} under {MAX_DOCUMENT_BYTES >> 20} MiB (one document is parsed "
+                f"whole), found a {unit} of {n / 2**20:,.0f} MiB; split it into lines or files"
+            )
+
+
 def _hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
@@ -154,6 +192,7 @@ def resolve_source(index: int, src: SourceConfig, cache_dir: Path) -> Resolved:
                 res.files.append(p)
             except OSError as err:
                 res.unreadable.append((p, f"unreadable file ({type(err).__name__}: {err.strerror or err})"))
+        _check_document_sizes(where, src, res.files)
         with ThreadPoolExecutor(4) as pool:
             digests = list(pool.map(file_digest, res.files))
         entry["files"] = [[os.path.abspath(p), d] for p, d in zip(res.files, digests)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
+from ray.data.dataset import MaterializedDataset
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -42,7 +43,7 @@ def ingest(spec: "RunSpec") -> dict[str, ray.data.Dataset]:
 
 def streams(datasets: dict[str, ray.data.Dataset]) -> bool:
     """Whether training will still need read tasks (a dataset too large to materialize)."""
-    return any(not isinstance(ds, ray.data.MaterializedDataset) for ds in datasets.values())
+    return any(not isinstance(ds, MaterializedDataset) for ds in datasets.values())
 
 
 def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None, datasets=None) -> TorchTrainer:

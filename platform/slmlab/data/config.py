@@ -25,7 +25,6 @@ from pydantic import Field, model_validator
 
 from slmlab.schema import StrictConfig as Strict
 
-
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http://", "https://")
 _GLOB = re.compile(r"[*?\[]")
 
@@ -65,7 +64,9 @@ class SourceConfig(Strict):
         if self.doc_separator is not None and self.kind != "text":
             raise ValueError(f"expected doc_separator only on 'text' sources, found it on a {self.kind!r} source")
         if self.format == "chat" and self.kind == "text":
-            raise ValueError(f"expected format 'chat' only on embedded/jsonl/parquet/hf/hf_disk sources, found kind {self.kind!r}")
+            raise ValueError(
+                f"expected format 'chat' only on embedded/jsonl/parquet/hf/hf_disk sources, found kind {self.kind!r}"
+            )
         if self.path and is_remote(self.path):
             if self.kind not in ("text", "jsonl", "parquet"):
                 raise ValueError(f"expected a cloud URI only for text/jsonl/parquet sources, found kind {self.kind!r}")
@@ -96,10 +97,11 @@ class DataConfig(Strict):
     # sources down to the one that runs out first; `upsample` repeats documents of small sources
     mixture_strategy: Literal["subsample", "upsample"] = "subsample"
     partition: PartitionConfig | None = None  # default: one undivided dataset
-    seq_len: int = Field(256, ge=8)  # tokens the model sees per example; blocks hold seq_len + 1 so targets shift by one
+    seq_len: int = Field(256, ge=8)  # tokens the model sees per example; blocks hold seq_len + 1 (targets shift)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)  # documents held out (split by document, so no block straddles)
     tokenize_batch_size: int = Field(512, ge=1)  # documents per tokenizer call in the Ray Data actors
-    pack_batch_size: int = Field(8192, ge=1)  # documents per packing batch; each (split, partition) pads at most one block per batch
+    # documents per packing batch; each (split, partition) pads at most one block per batch
+    pack_batch_size: int = Field(8192, ge=1)
     tokenize_concurrency: int = Field(2, ge=1)  # tokenizer actors; each takes half a CPU so reads are not starved
     shuffle_buffer: int = Field(256, ge=0)  # rows in the per-worker shuffle buffer (0 = file order)
 
@@ -108,7 +110,9 @@ class DataConfig(Strict):
         if self.partition and self.partition.score == "field" and self.partition.method == "curriculum":
             missing = [i for i, s in enumerate(self.sources) if not s.score_field]
             if missing:
-                raise ValueError(f"expected score_field on every source for partition.score 'field', found none on sources {missing}")
+                raise ValueError(
+                    f"expected score_field on every source for partition.score 'field', found none on sources {missing}"
+                )
         return self
 
 

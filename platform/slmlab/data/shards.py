@@ -337,7 +337,9 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
             f"data: {n_bad:,} bad records skipped (counts and examples in summary.json 'bad_records'), e.g. "
             + "; ".join(first)
         )
-    docs = docs_all.map_batches(_usable, batch_format="pyarrow", batch_size=None)
+    # half a CPU, like the tokenizer actors it feeds: a whole-CPU task next to them never fits on
+    # nodes of 1 CPU (one actor each leaves 0.5 free; seen as a hang on a 2 x 1-CPU cluster)
+    docs = docs_all.map_batches(_usable, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
 
     # 2. tokenizer sample, from every source by weight ------------------------------------------
     train_bytes = stats["bytes"][TRAIN].astype(np.float64)
@@ -410,7 +412,7 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         fn_constructor_args=(str(tok_path), dc.seq_len, topic_model),
         batch_size=dc.tokenize_batch_size,
         batch_format="pyarrow",
-        concurrency=dc.tokenize_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=dc.tokenize_concurrency),
         num_cpus=0.5,  # whole-CPU actors starve the read tasks on small machines
     ).materialize()
     del docs_all, docs

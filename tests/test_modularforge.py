@@ -155,6 +155,22 @@ def test_extract_expert_keeps_only_the_ffn_tensors(tmp_path):
     assert all(k.startswith(expert_prefixes(TINY.n_layers)) for k in got)
 
 
+def test_trunk_view_lacks_exactly_the_ffns_and_warm_starts_an_expert(tmp_path):
+    from slmlab.assemble import write_trunk_view
+    from slmlab.train.checkpoint import load_weights
+
+    trunk = _trunk(tmp_path)
+    view = write_trunk_view(trunk, tmp_path / "view")
+    full, got = load_file(str(trunk / "model.safetensors")), load_file(str(view / "model.safetensors"))
+    assert set(full) - set(got) == set(expert_shapes(TINY))
+    expert = VectorSLM(TINY)
+    fresh = expert.layers[0].ffn.w_down.weight.detach().clone()
+    left = load_weights(expert, view / "model.safetensors", allow_missing=expert_prefixes(TINY.n_layers))
+    assert sorted(left) == sorted(expert_shapes(TINY))  # the FFNs stay as initialised, everything else loads
+    assert torch.equal(expert.layers[0].ffn.w_down.weight, fresh)
+    assert torch.equal(expert.layers[1].attn.wo.weight, full["layers.1.attn.wo.weight"])
+
+
 def test_config_views():
     moe = assembled_config(TINY, 5, 2)
     dense = dense_baseline_config(TINY, 2)
@@ -311,10 +327,18 @@ def test_bad_pipelines_fail_before_anything_trains(tiny_pipeline):
         "stages.0.num_experts: expected data.partition.num_partitions=2 (one expert per partition), found 3"]
     big_k = validate_pipeline(_forge_pipeline(tiny_pipeline, stage3={"top_k": 3}))
     assert check_pipeline(big_k) == ["stages.3.top_k: expected at most the number of experts N=2, found 3"]
+    unpartitioned = _forge_pipeline(tiny_pipeline)
+    del unpartitioned["data"]["partition"]
+    assert check_pipeline(validate_pipeline(unpartitioned)) == [
+        "stages.0: expected data.partition (topic | random | curriculum), found none"]
+    for method in ("random", "curriculum"):  # the control and the curriculum split are the same pipeline
+        raw = _forge_pipeline(tiny_pipeline)
+        raw["data"]["partition"]["method"] = method
+        assert check_pipeline(validate_pipeline(raw)) == []
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)
 def test_pipeline_trains_experts_concurrently_assembles_and_exports(tiny_pipeline, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
     from typer.testing import CliRunner
@@ -357,6 +381,14 @@ def test_pipeline_trains_experts_concurrently_assembles_and_exports(tiny_pipelin
     for row in ("assembled", "uniform", "oracle", "dense", "router-only", "expert-0", "expert-1"):
         assert math.isfinite(comparison[f"compare/{row}_bpb"]), row
     assert "routing/layer0/entropy" in comparison and "compare/gap_vs_dense" in comparison
+    # `slmlab report` shows it: the assembled run has val/bpb, the eval/* rows and the figures under report/
+    assembled = client.get_run(results["assemble"].outputs["mlflow_run_id"])
+    assert assembled.data.metrics["val/bpb"] == comparison["compare/assembled_bpb"]
+    assert len([a for a in client.list_artifacts(assembled.info.run_id, "report") if a.path.endswith(".png")]) == 3
+    from slmlab.report import write_report
+
+    page = write_report("forge", tmp_path / "report.html", cfg.run_dir).read_text()
+    assert "routing matrix partition x first-choice expert" in page and "eval/bpb_router_only" in page
     dense = client.get_run(results["evaluate"].runs["dense"].mlflow_run_id)
     assert int(dense.data.params["train.max_steps"]) == 8 + 2 * 6  # trunk + experts: the same total tokens
 

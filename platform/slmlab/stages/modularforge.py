@@ -17,7 +17,6 @@ Stages refer to each other by stage name (``trunk: trunk``, ...); see pipelines/
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -29,7 +28,7 @@ from pydantic import Field, field_validator
 
 from slmlab.stages import StageConfig, StageContext, StageFailed, StageResult, register_stage
 
-COMPARISON_ROLE = "modularforge-comparison"  # tag of the evaluate stage's run: the report finds it by this
+COMPARISON_ROLE = "modularforge-comparison"  # tag of the evaluate stage's own run (comparison.json)
 
 
 def _train_overrides(v: dict[str, Any]) -> dict[str, Any]:
@@ -505,10 +504,18 @@ def run_evaluate(stage: EvaluateStage, ctx: StageContext) -> StageResult:
         for e in range(n):
             figures[f"routing/layer{i}/expert{e}_load"] = routing["load"][i][e]
     _log(ctx, run_id, figures)
-    _log(ctx, asm["mlflow_run_id"], {"val/bpb": assembled, "val/loss": rows["assembled"]["loss"]})
     ctx.client.log_dict(run_id, comparison, "modularforge/comparison.json")
+    # the assembled run carries the comparison too: `slmlab report` shows a run's eval/* metrics and the
+    # figures under its report/ folder, and lists runs by val/bpb
+    slug = lambda k: k.replace(", ", "_").replace(" ", "_").replace("-", "_")
+    _log(ctx, asm["mlflow_run_id"], {"val/bpb": assembled, "val/loss": rows["assembled"]["loss"],
+                                     **{f"eval/bpb_{slug(k)}": v["bpb"] for k, v in rows.items()},
+                                     "eval/gap_vs_dense": comparison["gap_vs_dense"]})
+    import matplotlib.pyplot as plt
+
     for title, fig in report_figures(comparison):
-        ctx.client.log_figure(run_id, fig, f"modularforge/{title.split(':')[0].replace(' ', '_').lower()}.png")
+        ctx.client.log_figure(asm["mlflow_run_id"], fig, f"report/{title.replace(',', '').replace(' ', '_')}.png")
+        plt.close(fig)
     ctx.client.set_terminated(run_id, "FINISHED")
     ctx.state.record(name, "comparison", status="FINISHED")
     table = "  ".join(f"{k} {v['bpb']:.4f}" for k, v in rows.items())
@@ -519,7 +526,7 @@ def run_evaluate(stage: EvaluateStage, ctx: StageContext) -> StageResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Report figures (the report finds the comparison run by its tag and draws these)
+# Report figures (logged under the assembled run's report/ folder, which `slmlab report` embeds)
 
 
 def report_figures(comparison: dict) -> list[tuple[str, Any]]:
@@ -541,7 +548,7 @@ def report_figures(comparison: dict) -> list[tuple[str, Any]]:
     ax.set(ylabel="validation bits per byte", ylim=(lo * 0.9, max(bpb[k] for k in names) * 1.02),
            title=f"ModularForge: {comparison['num_experts']} experts, top-{comparison['top_k']}, "
                  f"{comparison['partition']} partitions")
-    out = [("bpb: assembled vs each expert alone, uniform, oracle, dense, router-only", fig)]
+    out = [("bits per byte of the assembled MoE and its baselines", fig)]
 
     matrix = routing["top1"]
     L, n = len(matrix), len(matrix[0])
@@ -552,7 +559,7 @@ def report_figures(comparison: dict) -> list[tuple[str, Any]]:
             for e in range(len(matrix[i][k])):
                 ax.text(e, k, f"{matrix[i][k][e]:.2f}", ha="center", va="center", fontsize=6, color="w")
         ax.set(title=f"layer {i}", xlabel="expert (first choice)", ylabel="partition" if i == 0 else None)
-    out.append(("routing matrix: share of each partition's validation tokens sent first to each expert", fig))
+    out.append(("routing matrix, partition x first-choice expert", fig))
 
     load = routing["load"]
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -564,19 +571,8 @@ def report_figures(comparison: dict) -> list[tuple[str, Any]]:
     ax.set(xlabel="layer", ylabel="share of routed slots", title="Expert load per layer")
     ax.set_xticks(range(L))
     ax.legend(fontsize=6, ncol=2)
-    out.append(("expert load per layer, with routing entropy", fig))
+    out.append(("expert load and routing entropy per layer", fig))
     return out
-
-
-def report_section(client, experiment_id: str) -> list[tuple[str, Any]]:
-    """The figures of the latest ModularForge comparison in an experiment (none when it has none)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`slmlab.role` = '{COMPARISON_ROLE}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        return []
-    path = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="modularforge/comparison.json",
-                                               tracking_uri=client.tracking_uri)
-    return report_figures(json.loads(Path(path).read_text()))
 
 
 register_stage("partition", PartitionStage, run_partition)

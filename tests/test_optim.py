@@ -44,3 +44,17 @@ def test_adamw_is_the_default_client_optimizer():
     model = torch.nn.Linear(3, 3)
     opt, sched = build_optimizer(model, TrainConfig(lr=0.01, warmup_steps=0))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_no_empty_parameter_group_when_only_matrices_train():
+    """An expert run trains only FFN matrices (no norms, no biases): an empty no-decay group made
+    DeepSpeed's optimizer and the LR scheduler disagree on the number of groups at the first step."""
+    import torch.nn as nn
+
+    from slmlab.train.optim import param_groups
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
+    model[1].requires_grad_(False)
+    groups = param_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [1] and groups[0]["weight_decay"] == 0.1
+    assert [len(g["params"]) for g in param_groups(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 0.1)] == [1, 3]

@@ -17,7 +17,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # no empty group: DeepSpeed drops them from the optimizer, and the LR scheduler (built on the
+    # groups we pass) then fails its zip with the optimizer's fewer groups (an FFN-only expert)
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(step: int, cfg: TrainConfig) -> float:

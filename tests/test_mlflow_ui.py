@@ -1,5 +1,8 @@
 """`slmlab ui` serves a pipeline's runs to MLflow's UI: started as a user starts it, read through the
-REST endpoints its run comparison uses, stopped by SIGTERM with every child process gone."""
+REST endpoints its run comparison uses, stopped by SIGTERM with every child process gone.
+
+The pipeline it serves is itself a test of the real stack: New-LLM compared with VectorSLM through
+Ray Train + DeepSpeed in bf16, each followed by the INT8 step on the trained model."""
 from __future__ import annotations
 
 import json
@@ -19,13 +22,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def finished_pipeline(ray_local, tmp_path_factory):
-    """A tiny pipeline and one variant compared with it: two finished runs in one experiment."""
+    """A tiny VectorSLM pipeline and a New-LLM variant compared with it, in bf16, with the INT8 step:
+    two finished runs in one experiment."""
     from slmlab.config import validate_pipeline
     from slmlab.pipeline import run_pipeline
     from tests.conftest import tiny_pipeline_dict
 
-    variant = {"family": "vectorslm", "dim": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64}
-    raw = tiny_pipeline_dict(tmp_path_factory.mktemp("ui"), compare=[{"name": "small", "model": variant}])
+    variant = {"family": "new_llm", "dim": 32, "context_dim": 32, "n_layers": 2, "ffn_hidden": 64, "max_seq_len": 64}
+    raw = tiny_pipeline_dict(
+        tmp_path_factory.mktemp("ui"),
+        compare=[{"name": "newllm", "model": variant}],
+        train__precision="bf16",
+        eval__quantize_int8=True,
+    )
     cfg = validate_pipeline(raw)
     run_pipeline(cfg)
     return cfg
@@ -100,7 +109,7 @@ def test_runs_and_bpb_histories_through_the_rest_api(ui, finished_pipeline):
     runs = _api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     finished = [r for r in runs if r["info"]["status"] == "FINISHED"]
     variants = {t["value"] for r in finished for t in r["data"].get("tags", []) if t["key"] == "slmlab.variant"}
-    assert len(finished) == 2 and variants == {cfg.label, "small"}, (len(finished), variants)
+    assert len(finished) == 2 and variants == {cfg.label, "newllm"}, (len(finished), variants)
 
     store = MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
     for run in finished:
@@ -116,6 +125,26 @@ def test_runs_and_bpb_histories_through_the_rest_api(ui, finished_pipeline):
     ids = "&".join(f"run_ids={r['info']['run_id']}" for r in finished)
     bulk = _api(base, f"/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval?{ids}&metric_key=val/bpb")
     assert {m["run_id"] for m in bulk["metrics"]} == {r["info"]["run_id"] for r in finished}
+
+
+def test_new_llm_and_vectorslm_train_in_bf16_and_are_quantised(finished_pipeline):
+    from mlflow.tracking import MlflowClient
+
+    cfg = finished_pipeline
+    store = MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
+    runs = store.search_runs([store.get_experiment_by_name(cfg.experiment_name).experiment_id])
+    by_family = {r.data.tags["slmlab.family"]: r for r in runs if r.info.status == "FINISHED"}
+    assert sorted(by_family) == ["new_llm", "vectorslm"]
+    for family, run in by_family.items():
+        m = run.data.metrics
+        assert run.data.params["train.precision"] == "bf16", family
+        history = store.get_metric_history(run.info.run_id, "val/bpb")
+        first, last = min(history, key=lambda x: x.step).value, max(history, key=lambda x: x.step).value
+        assert last < first, (family, first, last)  # bf16 training learned something
+        # INT8 on the real trained model: under half the fp32 bytes' worth of weights plus
+        # scales, and bits per byte within 0.1 of the fp32 model's on the same validation blocks
+        assert m["quant/int8_bytes"] < 0.5 * m["quant/fp32_bytes"], family
+        assert abs(m["quant/int8_bpb"] - m["quant/fp32_bpb"]) < 0.1, family
 
 
 def test_sigterm_stops_the_server_and_its_children(ui):

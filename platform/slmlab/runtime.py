@@ -28,8 +28,12 @@ def quiet_ray_data() -> None:
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")  # spend Ray's one "progress bars disabled" warning
-    for name in ("ray.data", "ray.train", "ray.tune"):
+    for name in ("ray.data", "ray.train", "ray.tune", "mlflow.store.db.utils"):  # the last: "Creating tables..."
         logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    # Ray Data's own default ingest options trip its own deprecation of `exclude_resources`
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -48,6 +52,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     env = {
         **WORKER_ENV,
         "SLMLAB_VERBOSE": "1" if verbose() else "0",
+        # Ray Data's actors (a run's dataset SplitCoordinators) log each evaluation's execution plan
+        # at INFO, four lines a time: debugging output, back with --verbose
+        "RAY_DATA_LOG_LEVEL": os.environ.get("RAY_DATA_LOG_LEVEL") or ("INFO" if verbose() else "ERROR"),
     }  # the MLflow store travels explicitly in each train-loop config
     # local mode: everything bound to loopback, dashboard included (see slmlab/__init__.py)
     from ray._private import ray_constants

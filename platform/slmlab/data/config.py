@@ -102,7 +102,7 @@ class DataConfig(Strict):
     tokenize_batch_size: int = Field(512, ge=1)  # documents per tokenizer call in the Ray Data actors
     # documents per packing batch; each (split, partition) pads at most one block per batch
     pack_batch_size: int = Field(8192, ge=1)
-    tokenize_concurrency: int = Field(2, ge=1)  # tokenizer actors; each takes half a CPU so reads are not starved
+    tokenize_concurrency: int = Field(2, ge=1)  # most tokenizer actors; each takes half a CPU so reads are not starved
     shuffle_buffer: int = Field(256, ge=0)  # rows in the per-worker shuffle buffer (0 = file order)
 
     @model_validator(mode="after")

@@ -406,13 +406,14 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     del sample
 
     # 3. tokenize ----------------------------------------------------------------------------
-    progress(f"data: tokenizing on Ray Data ({dc.tokenize_concurrency} tokenizer actor(s))")
+    progress(f"data: tokenizing on Ray Data (up to {dc.tokenize_concurrency} tokenizer actor(s))")
     tokenized = docs.map_batches(
         TokenizeDocs,
         fn_constructor_args=(str(tok_path), dc.seq_len, topic_model),
         batch_size=dc.tokenize_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=dc.tokenize_concurrency),
+        # up to tokenize_concurrency actors, fewer when there are fewer input blocks (a small corpus)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=dc.tokenize_concurrency),
         num_cpus=0.5,  # whole-CPU actors starve the read tasks on small machines
     ).materialize()
     del docs_all, docs

@@ -12,6 +12,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from slmlab.config import PipelineConfig
+from slmlab.runtime import verbose
 from slmlab.train.loop import train_loop_per_worker
 from slmlab.train.rendezvous import torch_config
 
@@ -84,5 +85,8 @@ def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None, dataset
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": injected} if injected else None,
+            # Ray Train's own INFO lines (worker group started, each checkpoint and report) are for
+            # debugging Ray Train: slmlab prints its own step and evaluation lines (--verbose: both)
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )

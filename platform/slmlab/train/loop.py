@@ -10,7 +10,10 @@ perplexity and bits per byte, plus the figures the family computes from its own 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -49,6 +52,17 @@ def _freeze(model: torch.nn.Module, trainable: list[str] | None) -> int:
     return n
 
 
+def _quiet_ray_train_worker_logs() -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(...)" at INFO on a logger named
+    after its source file, which LoggingConfig's level does not reach: one line per report, every
+    evaluation and checkpoint. Quiet unless --verbose."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray Train layout: its lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _fmt_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
@@ -69,10 +83,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from slmlab.data.tokenizer import load_tokenizer, token_byte_lengths
     from slmlab.evaluate import evaluate_batches, to_model_batch
     from slmlab.models import build_model, count_parameters
+    from slmlab.runtime import verbose
     from slmlab.tracking import MetricsLogger
     from slmlab.train.checkpoint import load_weights, save_model_files
     from slmlab.train.optim import build_optimizer, deepspeed_config
 
+    t_imported = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = cfg.train
@@ -92,14 +108,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
     trainable = _freeze(model, tc.trainable)
     optimizer, scheduler = build_optimizer(model, tc)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(tc, world),
-        dist_init_required=False,
-    )
+    quiet = not verbose()
+    if quiet:
+        _quiet_ray_train_worker_logs()
+    # DeepSpeed print()s "... built successfully" for its CPU comm op at every start (--verbose keeps it)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(tc, world),
+            dist_init_required=False,
+        )
     device = engine.device
+    t_engine = time.perf_counter()
     fields = model.capabilities.batch_fields
     byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(loop_config["tokenizer_path"])), device=device)
     logger = MetricsLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
@@ -158,6 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     last_val: dict[str, float] = {}  # carried in every report so Tune schedulers always see the metric
 
+    t_eval0 = time.perf_counter()
     if step == 0:
         metrics = last_val = evaluate()
         if logger:
@@ -255,7 +278,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             epoch, micro_in_epoch = epoch + 1, 0
     if logger:
         # the worker's share of a run's fixed cost: imports, DeepSpeed engine, first evaluation
-        logger.log({"time/worker_setup_s": t_start - t_enter, "time/train_s": time.perf_counter() - t_start}, step=step)
+        logger.log(
+            {
+                "time/worker_setup_s": t_start - t_enter,
+                "time/worker_imports_s": t_imported - t_enter,
+                "time/engine_init_s": t_engine - t_imported,
+                "time/first_eval_s": t_start - t_eval0,
+                "time/train_s": time.perf_counter() - t_start,
+            },
+            step=step,
+        )
 
 
 def _once(env_step: str, step: int) -> bool:
@@ -285,7 +317,7 @@ def _maybe_inject_failure(step: int) -> None:
     process once, after step N (a marker file makes the restarted attempt survive).
 
     It first waits a few seconds: Ray Train's controller collects reported checkpoints when it
-    polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a checkpoint reported
+    polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 0.5 s as slmlab sets it), so a checkpoint reported
     moments before a crash can be lost and the retry starts from the one before. Real steps take
     longer than that; the tests' tiny steps do not."""
     at = os.environ.get("SLMLAB_FAIL_AT_STEP")

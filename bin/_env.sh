@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SLMLAB_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.slmlab-installed"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/bin/_env.sh" | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
   echo "[slmlab] setting up $VENV (first run: ~3 minutes)" >&2
   PY="${PYTHON:-python3}"
@@ -17,6 +17,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$w
   # DeepSpeed JIT-compiles its CPU shared-memory collective on first use (~40 s): do it once here.
   DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null 2>&1 \
     || echo "[slmlab] note: DeepSpeed's CPU comm op did not prebuild; it will build on first training run" >&2
+  # and its CPU Adam (train.optimizer: cpu_adam, the partner of offload_optimizer): ~70 s, once
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null 2>&1 \
+    || echo "[slmlab] note: DeepSpeed's CPU Adam did not prebuild; it will build when train.optimizer is cpu_adam" >&2
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -81,3 +81,15 @@ def tiny_pipeline_dict(base: Path, **overrides) -> dict:
 @pytest.fixture
 def tiny_pipeline(tmp_path):
     return lambda **overrides: tiny_pipeline_dict(tmp_path, **overrides)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files with slow-tier tests first, each file's tests kept together and in order: with test files
+    spread over xdist workers, the long files start at once and the quick ones fill in at the end."""
+    first_index: dict[str, int] = {}
+    has_slow: dict[str, bool] = {}
+    for i, item in enumerate(items):
+        path = str(item.path)
+        first_index.setdefault(path, i)
+        has_slow[path] = has_slow.get(path, False) or item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: (not has_slow[str(item.path)], first_index[str(item.path)]))

@@ -278,7 +278,7 @@ def _bad_image_folder(root):
     return root
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_build_reports_bad_images_by_name_and_goes_on(ray_local, vlm_tokenizer, tmp_path):
     import numpy as np
 

@@ -22,7 +22,7 @@ from slmlab.data.tokenizer import (
     train_bpe,
 )
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 # every control-token string, glued to text and to each other, plus non-ASCII bytes
 SPELLED = "Markers: " + "".join(SPECIAL_TOKENS) + " then <|end|>x<|user|> and ünïcödé " + " ".join(SPECIAL_TOKENS)

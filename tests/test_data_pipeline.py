@@ -27,7 +27,7 @@ from slmlab.config import validate_pipeline  # noqa: E402
 from slmlab.data.shards import Shards, build_shards, cache_key, summary_for_mlflow  # noqa: E402
 from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, PAD, SYSTEM, USER, load_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 from tests.conftest import SHARED_DATA as SHARED  # noqa: E402
 

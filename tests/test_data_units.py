@@ -17,7 +17,7 @@ from slmlab.data.packing import pack_examples, pack_text, truncate_example
 from slmlab.data.sources import FATAL, Rows, parse_jsonl, parse_text
 from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, PAD, SPECIAL_TOKENS, USER, load_tokenizer, train_bpe
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 
 def docs_of(rows: Rows) -> list[tuple[str, str]]:

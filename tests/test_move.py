@@ -323,14 +323,25 @@ def _check_metric_set(cfg) -> set[str]:
 
 
 @pytest.mark.slow
-def test_move_pipeline_trains_a_missing_teacher_then_fits_assembles_and_distils(ray_local, tmp_path):
+def test_a_missing_teacher_is_trained_and_registered_once_then_reused(ray_local, tmp_path):
+    """The teacher stage alone (the module stages are the same whatever the teacher's source, and run
+    end to end in the next test): a registered name with no version yet is trained through the one
+    run lifecycle and registered; a second pipeline run resolves it without training again."""
     from slmlab.config import validate_pipeline
     from slmlab.pipeline import run_stages
+    from slmlab.tracking import client_for
 
-    cfg = validate_pipeline(move_pipeline(tmp_path, "models:/tinyteacher"))
-    results = run_stages(cfg, progress=lambda m: None)
-    assert results["move_teacher"].runs["teacher"].model_uri == "models:/tinyteacher/1"
-    _check_metric_set(cfg)
+    raw = move_pipeline(tmp_path, "models:/tinyteacher")
+    raw["stages"] = raw["stages"][:1]
+    cfg = validate_pipeline(raw)
+    first = run_stages(cfg, progress=lambda m: None)["move_teacher"]
+    assert first.runs["teacher"].status == "FINISHED"
+    assert first.runs["teacher"].model_uri == "models:/tinyteacher/1"
+    assert first.outputs["teacher_ref"] == "models:/tinyteacher/1"
+    again = run_stages(cfg, progress=lambda m: None)["move_teacher"]
+    assert again.runs == {} and again.outputs["teacher_ref"] == "models:/tinyteacher/1"
+    assert [str(v.version) for v in client_for(cfg.run_dir).search_model_versions("name='tinyteacher'")] == ["1"]
+    assert again.outputs["teacher_cfg"].n_layers == cfg.model.n_layers
 
 
 @pytest.mark.slow

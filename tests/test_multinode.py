@@ -15,7 +15,7 @@ import pytest
 from slmlab.config import validate_pipeline
 from tests.conftest import tiny_pipeline_dict
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # 3 min here on a quiet machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # 3 min alone on a quiet machine
 
 
 @pytest.fixture

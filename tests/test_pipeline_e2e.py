@@ -1,5 +1,9 @@
 """The spine end to end on the real stack: Ray Data → Ray Train + DeepSpeed → MLflow registry.
 
+While the module's pipeline trains, every listening socket of this process and its descendants is
+sampled: a local run must listen on loopback only (Ray, its dashboard, Ray Data, and the Ray Train
+workers' torch.distributed rendezvous store and gloo sockets).
+
 Slow tier: every test here starts real Ray Train runs (~20-40 s each on 2 cores).
 """
 
@@ -35,12 +39,19 @@ def pipeline_runs(ray_local, tmp_path_factory):
     """One tiny pipeline (pretrain, then instruction fine-tuning) run to completion."""
     from slmlab.pipeline import run_pipeline
     from tests.conftest import tiny_pipeline_dict
+    from tests.sockets import ListenSampler
 
     raw = tiny_pipeline_dict(tmp_path_factory.mktemp("e2e"), finetune=FINETUNE)
     cfg = validate_pipeline(raw)
-    sft = run_pipeline(cfg)
+    sampler = ListenSampler()
+    sampler.start()
+    try:
+        sft = run_pipeline(cfg)
+    finally:
+        sampler.stop.set()
+        sampler.join()
     client = mlflow.tracking.MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
-    return cfg, sft, client
+    return cfg, sft, client, sampler.seen
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,7 @@ def finished_run(pipeline_runs):
     """The pretraining stage of that pipeline, as if it had run alone."""
     from slmlab.lifecycle import RunResult
 
-    cfg, sft, client = pipeline_runs
+    cfg, sft, client, _ = pipeline_runs
     pre_id = client.get_run(sft.mlflow_run_id).data.tags["slmlab.parent_run_id"]
     pre = client.get_run(pre_id)
     version = pre.data.tags["slmlab.registered_version"].split("/")[-1]
@@ -110,7 +121,7 @@ def test_resume_continues_at_the_right_step_with_the_same_data(finished_run, tmp
 
 
 def test_finetune_starts_from_the_registered_model_and_registers_its_own(pipeline_runs, finished_run):
-    cfg, sft, client = pipeline_runs
+    cfg, sft, client, _ = pipeline_runs
     _, pre, _ = finished_run
     run = client.get_run(sft.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["slmlab.stage"] == "finetune"
@@ -132,7 +143,17 @@ def test_cached_shards_are_reused(ray_local, finished_run):
     assert messages == [f"data: reusing cached shards {again.root}"]
     changed = cfg.model_copy(deep=True)
     changed.data.seq_len = 16
-    assert build_shards.__module__  # keep flake quiet
     from slmlab.data.shards import cache_key
 
     assert cache_key(changed) != again.key
+
+
+def test_local_run_listens_on_loopback_only(pipeline_runs):
+    from tests.sockets import is_loopback
+
+    seen = pipeline_runs[3]
+    # the premise: the sampler saw the training workers' own listeners (the rendezvous store at least)
+    assert any("RayTrainWorker" in name for name, _, _ in seen), sorted(seen)
+    assert not is_loopback("::") and not is_loopback("0.0.0.0") and is_loopback("::ffff:127.0.0.1")
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
+    assert exposed == [], exposed

@@ -43,7 +43,7 @@ def test_tokens_per_step_derives_the_batch_from_the_context(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # ~4 min here on a quiet machine: 4 runs 2 at a time, then the resume
+@pytest.mark.timeout(1800)  # ~4 min alone on a quiet machine: 4 runs 2 at a time, then the resume
 def test_independent_runs_overlap_fail_alone_and_resume(ray_local, tmp_path):
     from slmlab.pipeline import run_stages
     from slmlab.stages import StageFailed

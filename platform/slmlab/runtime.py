@@ -15,9 +15,10 @@ def verbose() -> bool:
     return os.environ.get("SLMLAB_VERBOSE") == "1"
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's per-operator progress bars and INFO lines are for debugging Ray Data; a person
-    running a pipeline sees slmlab's own progress lines instead (unless --verbose)."""
+def quiet_logs() -> None:
+    """Ray's and MLflow's progress bars, INFO lines and self-inflicted warnings are for debugging
+    those libraries; a person running a pipeline sees slmlab's own progress lines instead (unless
+    --verbose)."""
     import logging
 
     from ray.data import DataContext
@@ -37,7 +38,7 @@ def quiet_ray_data() -> None:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    quiet_ray_data()
+    quiet_logs()
     if ray.is_initialized():
         return
     import logging

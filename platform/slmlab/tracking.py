@@ -74,6 +74,10 @@ class MetricsLogger:
         """{key: [(step, value), ...]}: e.g. a figure measured at several lengths."""
         self.log_points([(k, v, step) for k, points in series.items() for step, v in points])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def log_points(self, points: list[tuple[str, float, int]]) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v, step in points]

@@ -31,10 +31,19 @@ def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
     """Shards as a Ray Dataset. Small ones (and validation, re-read at every evaluation) are
     materialized up front: training then needs no read tasks at all, which matters on small
     machines where a read task waiting for a whole CPU next to the train workers can starve
-    (a streaming read's file listing always asks for 1 CPU). Large corpora stream."""
-    ds = ray.data.read_parquet(str(folder), num_cpus=0.25)
+    (a streaming read's file listing always asks for 1 CPU). Large corpora stream.
+
+    Materialized blocks are read by 0-CPU tasks on the caller's node (the driver's, which holds
+    the runs' bookkeeping too): blocks on a worker node would be lost with it, and re-reading them
+    would wait for a CPU that the surviving runs' train workers hold (a multi-node deadlock seen in
+    ``tests/test_multinode.py`` when the head node has no CPUs)."""
     size = sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
-    return ds.materialize() if always_materialize or size <= MATERIALIZE_BELOW_BYTES else ds
+    if not (always_materialize or size <= MATERIALIZE_BELOW_BYTES):
+        return ray.data.read_parquet(str(folder), num_cpus=0.25)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.data.read_parquet(str(folder), num_cpus=0, ray_remote_args={"scheduling_strategy": here}).materialize()
 
 
 def ingest(spec: "RunSpec") -> dict[str, ray.data.Dataset]:

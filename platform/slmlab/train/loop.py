@@ -125,6 +125,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     fields = model.capabilities.batch_fields
     byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(loop_config["tokenizer_path"])), device=device)
     logger = MetricsLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if logger:
+        # which node trains this attempt: after a node is lost the tag moves with the resumed attempt
+        logger.set_tags({"slmlab.node_id": ray.get_runtime_context().get_node_id()})
 
     # ---- resume --------------------------------------------------------------------------
     step, epoch, micro_in_epoch = 0, 0, 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 # The user's choice, read once: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into the
@@ -75,8 +75,7 @@ class MetricsLogger:
         self.log_points([(k, v, step) for k, points in series.items() for step, v in points])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def log_points(self, points: list[tuple[str, float, int]]) -> None:
         now = int(time.time() * 1000)

@@ -43,9 +43,7 @@ def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    # 0-CPU tasks are not limited by the CPU budget: cap them, or a folder of 32 shards starts 32 processes
-    ds = ray.data.read_parquet(str(folder), num_cpus=0, concurrency=2, ray_remote_args={"scheduling_strategy": here})
-    return ds.materialize()
+    return ray.data.read_parquet(str(folder), num_cpus=0, ray_remote_args={"scheduling_strategy": here}).materialize()
 
 
 def ingest(spec: "RunSpec") -> dict[str, ray.data.Dataset]:

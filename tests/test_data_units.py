@@ -314,22 +314,42 @@ def test_partitions_are_deterministic_and_cover_everything(method):
         assert lengths[0].max() <= lengths[1].min() and lengths[1].max() <= lengths[2].min()  # easiest first
 
 
-def test_topic_model_is_deterministic():
+@pytest.mark.parametrize("slack", [None, 0.1])
+def test_topic_model_is_deterministic_and_recovers_topics(slack):
     from slmlab.data.topics import fit_topic_model
 
     rng = np.random.default_rng(3)
-    vocab = {
-        0: "ship sea sail harbour captain wave",
-        1: "king crown throne court queen castle",
-        2: "function return value module class",
+    vocab = {  # five-letter words: the three topics hold equal bytes, so balancing need not split one
+        0: "ships ocean sails coast waves boats",
+        1: "kings crown queen court realm lords",
+        2: "class value tuple bytes float lists",
     }
     texts = [" ".join(rng.choice(vocab[i % 3].split(), size=12)) for i in range(120)]
-    a = fit_topic_model(texts, 3, seed=5).predict(texts)
-    b = fit_topic_model(texts, 3, seed=5).predict(texts)
+    a = fit_topic_model(texts, 3, seed=5, balance_slack=slack).predict(texts)
+    b = fit_topic_model(texts, 3, seed=5, balance_slack=slack).predict(texts)
     assert np.array_equal(a, b)
     truth = np.arange(120) % 3
     # clusters recover the three vocabularies (up to relabeling)
     assert all(len(set(a[truth == t])) == 1 for t in range(3)) and len(set(a)) == 3
+
+
+def test_balanced_topics_cap_every_partition_and_unseen_text_goes_to_its_nearest_centroid():
+    from slmlab.data.topics import fit_topic_model
+
+    rng = np.random.default_rng(4)
+    words = ["ships ocean sails coast waves boats", "kings crown queen court realm lords",
+             "class value tuple bytes float lists"]
+    topic = np.array([0] * 80 + [1] * 20 + [2] * 20)  # one topic holds two thirds of the bytes
+    texts = [" ".join(rng.choice(words[t].split(), size=12)) for t in topic]
+    plain = fit_topic_model(texts, 3, seed=5, balance_slack=None).predict(texts)
+    share = lambda labels: np.array([sum(len(texts[i]) for i in np.flatnonzero(labels == k)) for k in range(3)])
+    assert share(plain).max() > 0.6 * share(plain).sum()  # plain k-means keeps the big topic whole
+    model = fit_topic_model(texts, 3, seed=5, balance_slack=0.1)
+    balanced = model.predict(texts)
+    assert share(balanced).max() <= 1.1 * share(balanced).sum() / 3
+    # text it was not fitted on is labelled by its nearest centroid: a pure topic-1 text joins topic 1's
+    home = np.bincount(balanced[topic == 1]).argmax()
+    assert model.predict(["kings crown queen court realm lords kings queen"])[0] == home
 
 
 # ---------------------------------------------------------------------------------------------

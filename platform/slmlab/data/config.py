@@ -89,6 +89,9 @@ class PartitionConfig(Strict):
     score: Literal["length", "field"] = "length"
     topic_sample_documents: int = Field(20_000, ge=10)  # topic: documents the TF-IDF + k-means model is fitted on
     topic_max_features: int = Field(32_768, ge=16)  # topic: TF-IDF vocabulary size
+    # topic: a partition holds at most (1 + slack) x its equal share of training bytes (c-BTM's balanced
+    # k-means); null = plain k-means, which on small corpora leaves near-empty clusters (see data/topics.py)
+    topic_balance_slack: float | None = Field(0.1, ge=0)
 
 
 class DataConfig(Strict):

@@ -401,8 +401,10 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
                 sample.column("text").filter(keep).to_pylist(), sample.column("fmt").filter(keep).to_pylist()
             )
         ]
-        progress(f"data: fitting TF-IDF + k-means ({part.num_partitions} topics) on {len(texts):,} documents")
-        topic_model = fit_topic_model(texts, part.num_partitions, cfg.seed, part.topic_max_features)
+        kind = "k-means" if part.topic_balance_slack is None else "balanced k-means"
+        progress(f"data: fitting TF-IDF + SVD + {kind} ({part.num_partitions} topics) on {len(texts):,} documents")
+        topic_model = fit_topic_model(texts, part.num_partitions, cfg.seed, part.topic_max_features,
+                                      part.topic_balance_slack)
     del sample
 
     # 3. tokenize ----------------------------------------------------------------------------

@@ -156,6 +156,24 @@ def test_generation_runs_through_the_student(teacher):
     assert out.shape == (1, 13)
 
 
+def test_decode_profile_times_the_decode_steps_it_ran(teacher, monkeypatch):
+    """Tokens/s is generated tokens after the first over the time between the first and the last;
+    the old prefill subtraction went negative under load and logged 3.1e10 tokens/s. A fake clock that
+    advances 0.25 s per call pins the arithmetic; the real clock gives a finite positive rate."""
+    import itertools
+
+    from slmlab.profile import state_bytes
+    from slmlab.stages import move as move_stage
+
+    model = make(MODULE_KINDS, teacher)
+    real = move_stage.decode_profile(model, V, L, new_tokens=8)
+    assert 0 < real["decode_tokens_per_s"] < float("inf")
+    assert real["state_mib"] == state_bytes(model, L) / 2**20
+    ticks = itertools.count(0.0, 0.25)
+    monkeypatch.setattr(move_stage.time, "perf_counter", lambda: next(ticks))
+    assert move_stage.decode_profile(model, V, L, new_tokens=8)["decode_tokens_per_s"] == pytest.approx(7 / 1.75)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fitting
 

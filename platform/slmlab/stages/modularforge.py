@@ -223,7 +223,7 @@ def run_partition(stage: PartitionStage, ctx: StageContext) -> StageResult:
         _log(ctx, run_id, figures)
         ctx.client.set_terminated(run_id, "FINISHED")
         ctx.state.record(name, "partition", status="FINISHED")
-    sizes = ", ".join(f"{p['tokens']:,}" for p in summary["train"])
+    sizes = " / ".join(f"{p['tokens']:,}" for p in summary["train"])  # commas are inside the numbers
     ctx.progress(f"partition: {part.num_partitions} {part.method} partitions, training tokens {sizes}")
     return StageResult(name, outputs={"num_partitions": part.num_partitions, "method": part.method})
 

@@ -150,6 +150,40 @@ def test_cli_prints_a_ray_wrapped_data_error_as_one_line(tmp_path, monkeypatch):
     assert result.exception is bug and result.exit_code == 1  # a bug is not dressed up as a user error
 
 
+def test_a_terminated_run_marks_its_mlflow_runs_killed(tmp_path, monkeypatch):
+    """SIGTERM (``kill``, ``ray job stop``) mid-pipeline: this invocation's RUNNING runs become KILLED,
+    exit 130; finished runs, older runs and other pipelines' runs are left as they were."""
+    import slmlab.pipeline
+    from slmlab.tracking import client_for, ensure_experiment
+
+    path = write_pipeline(tmp_path)
+    run_dir = yaml.safe_load(path.read_text())["run_dir"]
+    client = client_for(run_dir)
+    exp = ensure_experiment(client, "tiny", run_dir)
+    older = client.create_run(exp, start_time=int(time.time() * 1000) - 3_600_000, tags={"slmlab.pipeline": "tiny"})
+    made = {}
+
+    def interrupted(*args, **kwargs):
+        for name, pipeline in (("mine", "tiny"), ("done", "tiny"), ("other", "another")):
+            made[name] = client.create_run(exp, tags={"slmlab.pipeline": pipeline}).info.run_id
+        client.set_terminated(made["done"], "FINISHED")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+        raise AssertionError("SIGTERM did not interrupt the pipeline")
+
+    monkeypatch.setattr(slmlab.pipeline, "run_stages", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = invoke("run", str(path))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert "1 MLflow run(s) of this invocation marked KILLED" in result.stderr
+    status = lambda run_id: client.get_run(run_id).info.status
+    assert [status(made[k]) for k in ("mine", "done", "other")] == ["KILLED", "FINISHED", "RUNNING"]
+    assert status(older.info.run_id) == "RUNNING"
+
+
 # ----------------------------------------------------------------------------------------------
 # generate / export
 

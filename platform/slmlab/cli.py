@@ -94,14 +94,31 @@ def run(
     from slmlab.config import load_pipeline
 
     cfg = load_pipeline(pipeline, set_)
+    import time
+
     from slmlab.pipeline import run_stages
 
-    results = run_stages(cfg, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
+    started_ms = int(time.time() * 1000)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: unwind as Ctrl-C does
+    try:
+        results = run_stages(cfg, resume=resume, progress=lambda m: typer.echo(f"[slmlab] {m}"))
+    except KeyboardInterrupt:
+        from slmlab.tracking import client_for, mark_killed
+
+        killed = mark_killed(client_for(cfg.run_dir), cfg.name, started_ms)
+        typer.secho(f"[slmlab] interrupted: {len(killed)} MLflow run(s) of this invocation marked KILLED; "
+                    f"`slmlab run {pipeline} --resume latest` re-runs what did not finish",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
     for stage in results.values():  # one line per run: where it is and what it scored
         for run in stage.runs.values():
             bpb = run.metrics.get("val/bpb")
             typer.echo(f"[slmlab] done: {stage.name}/{run.label} {run.status} {run.model_uri or run.run_name}"
                        + (f" val/bpb {bpb:.4f}" if bpb is not None else ""))
+
+
+def _interrupt(signum, _frame) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command()

@@ -36,6 +36,20 @@ def client_for(run_dir: str | Path) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)  # explicit store; mlflow's global state is never touched
 
 
+def mark_killed(client: MlflowClient, pipeline: str, since_ms: int) -> list[str]:
+    """Runs of ``pipeline`` started at or after ``since_ms`` and still RUNNING become KILLED: an
+    interrupted invocation leaves no run that claims to be training. Returns their run ids."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    quoted = pipeline.replace("'", "\\'")
+    runs = client.search_runs(ids, f"attributes.status = 'RUNNING' and tags.`slmlab.pipeline` = '{quoted}' "
+                                   f"and attributes.start_time >= {int(since_ms)}", max_results=10_000)
+    for r in runs:
+        client.set_terminated(r.info.run_id, status="KILLED")
+    return [r.info.run_id for r in runs]
+
+
 def ensure_experiment(client: MlflowClient, name: str, run_dir: str | Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:

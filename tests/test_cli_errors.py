@@ -217,6 +217,8 @@ def test_generate_with_a_prompt_longer_than_max_seq_len(model_folder):
                           "--max-new-tokens", "max_seq_len=16")
     ok = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "8", "-t", "0")
     assert ok.exit_code == 0, ok.output
+    fits = invoke("generate", str(model_folder), "--prompt", "the fox", "-t", "0")  # no -n: what fits, not 64
+    assert fits.exit_code == 0 and fits.stdout.startswith("the fox"), (fits.output, fits.exception)
 
 
 def test_generate_a_model_that_is_not_registered(tmp_path):

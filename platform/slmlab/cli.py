@@ -175,7 +175,8 @@ def sweep(
 def generate(
     model: str = typer.Argument(..., help="models:/name/version, models:/name@alias, or a checkpoint folder"),
     prompt: str = typer.Option(..., "--prompt", "-p"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n",
+                                                 help="default: 64, or as many as fit after the prompt"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
@@ -213,6 +214,8 @@ def generate(
     if limit is not None and length >= limit:
         _fail(f"--prompt: expected fewer than max_seq_len={limit} tokens{' with the chat template' if chat else ''}, "
               f"found {length}")
+    if max_new_tokens is None:  # the default never fails: a 64-position model still answers
+        max_new_tokens = 64 if limit is None else min(64, limit - length)
     if limit is not None and length + max_new_tokens > limit:
         _fail(f"--max-new-tokens: expected at most {limit - length} (max_seq_len={limit} minus a "
               f"{length}-token prompt), found {max_new_tokens}")

@@ -403,3 +403,12 @@ def test_report_figures_plot_cosine_by_layer_and_bpb_by_swap(tmp_path):
     figs = report_figures(client, exp)
     assert [t.split(":")[0] for t, _ in figs] == ["MoVE", "MoVE"]
     assert all(base64.b64decode(png)[:4] == b"\x89PNG" for _, png in figs)
+    # and `slmlab report` embeds them
+    import html
+
+    from slmlab.report import write_report
+
+    MetricsLogger.for_client(client, run).log({"val/bpb": 2.3}, step=0)
+    client.set_terminated(run, "FINISHED")
+    page = write_report("m", tmp_path / "r.html", run_dir=tmp_path).read_text()
+    assert all(f"<figcaption>{html.escape(title)}</figcaption>" in page for title, _ in figs)

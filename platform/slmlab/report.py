@@ -513,4 +513,11 @@ def extra_sections(client, experiment: str, rows: list[dict]) -> str:
     wiki = [r for r in rows if "wikitext" in sources[r["run_id"]].lower()]
     if wiki:
         parts.append(seed_section(client, wiki))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:  # MoVE: cosine by layer and module, bits per byte by swap (the latest summary run)
+        from slmlab.stages.move import report_figures as move_figures
+
+        parts.extend(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(t)}'>"
+                     f"<figcaption>{html.escape(t)}</figcaption></figure>"
+                     for t, b64 in move_figures(client, exp.experiment_id))
     return "".join(parts)

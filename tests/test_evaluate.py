@@ -74,3 +74,27 @@ def test_family_sums_become_family_figures():
     m = evaluate_batches(model, [batch, batch], torch.ones(2, dtype=torch.long), "cpu")
     assert m["val/hit_rate"] == 0.75
     assert eval_metrics({"nats": 0.0, "targets": 0.0, "bytes": 0.0})["val/bpb"] == 0.0
+
+
+def test_shards_read_back_as_integer_arrays_in_a_process_without_ray(tmp_path):
+    """Packed shards hold Ray's tensor extension type; a script that never imports ray (an offline
+    re-assembly, a notebook) still gets (rows, seq) integer arrays, not object arrays of rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    ids = np.arange(3 * 5, dtype=np.int32).reshape(3, 5)
+    pq.write_table(pa.table({"input_ids": ArrowTensorArray.from_numpy(ids)}), tmp_path / "part.parquet")
+    code = ("import sys; from slmlab.evaluate import read_blocks; b = next(read_blocks(sys.argv[1], 2)); "
+            "assert 'ray' not in sys.modules; "
+            "print(b['input_ids'].dtype, b['input_ids'].shape, b['input_ids'].tolist())")
+    src = str(Path(__file__).resolve().parents[1] / "platform")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": src})
+    assert out.stdout.split(" ", 2)[:2] == ["int32", "(2,"] and "[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]" in out.stdout

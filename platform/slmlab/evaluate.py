@@ -137,6 +137,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # a DeepSpeed engine holds the family's model
 
 
+def _dense(values):
+    """A chunk as one (rows, ...) array. Without ``ray.data`` imported, pyarrow does not know Ray's tensor
+    extension type and returns an object array of per-row arrays: stack those."""
+    import numpy as np
+
+    values = np.asarray(values)
+    if values.dtype == object and len(values) and isinstance(values[0], np.ndarray):
+        return np.stack(values)
+    return values
+
+
 def read_blocks(folder, batch_size: int):
     """Raw batches of a shard folder, in file order, read here (no Ray): every column the shards hold."""
     import numpy as np
@@ -145,7 +156,7 @@ def read_blocks(folder, batch_size: int):
     table = pq.read_table(str(folder))
     # tensor columns (Ray's ArrowTensorArray) come back as (rows, ...) arrays, chunk by chunk
     columns = {
-        name: np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False)) for c in table.column(name).chunks])
+        name: np.concatenate([_dense(c.to_numpy(zero_copy_only=False)) for c in table.column(name).chunks])
         for name in table.column_names
     }
     for start in range(0, table.num_rows, batch_size):

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
@@ -94,8 +95,6 @@ def run(
     from slmlab.config import load_pipeline
 
     cfg = load_pipeline(pipeline, set_)
-    import time
-
     from slmlab.pipeline import run_stages
 
     started_ms = int(time.time() * 1000)

@@ -62,11 +62,15 @@ def balanced_assign(similarity: np.ndarray, weights: np.ndarray, slack: float) -
     load = np.zeros(k)
     labels = np.full(n, -1, np.int64)
     order = np.argsort(-similarity, axis=None, kind="stable")
+    left = n
     for flat in order:
         i, j = divmod(int(flat), k)
         if labels[i] < 0 and load[j] + weights[i] <= capacity:
             labels[i] = j
             load[j] += weights[i]
+            left -= 1
+            if left == 0:  # the rest of the n x k pairs can change nothing
+                break
     for i in np.flatnonzero(labels < 0):
         j = int(np.argmin(load))
         labels[i] = j

@@ -50,11 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from slmlab.data.topics import balanced_assign
 from slmlab.errors import SlmlabError
 from slmlab.models.base import Batch, Capabilities, FamilyConfig, ModelOutput, lm_cross_entropy, register_family
 from slmlab.models.layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
@@ -461,23 +463,13 @@ class MoEfiedFFN(nn.Module):
 
 def balanced_kmeans(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means with equal cluster sizes (len(x) / k each): assignments are made greedily in
-    order of similarity, skipping full clusters. Returns (labels, unit centroids)."""
-    n, size = x.size(0), x.size(0) // k
+    order of similarity, skipping full clusters (``balanced_assign``, shared with the topic partitions).
+    Returns (labels, unit centroids)."""
+    n = x.size(0)
     gen = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=gen)[:k]].clone()
-    labels = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
-        sim = x @ centroids.T
-        order = torch.argsort(sim.reshape(-1), descending=True).tolist()
-        labels.fill_(-1)
-        fill = [0] * k
-        left = n
-        for flat in order:
-            i, c = divmod(flat, k)
-            if labels[i] < 0 and fill[c] < size:
-                labels[i], fill[c], left = c, fill[c] + 1, left - 1
-                if left == 0:
-                    break
+        labels = torch.from_numpy(balanced_assign((x @ centroids.T).double().numpy(), np.ones(n), 0.0))
         new = torch.stack([F.normalize(x[labels == c].mean(0), dim=0) for c in range(k)])
         if torch.allclose(new, centroids):
             break

@@ -27,7 +27,7 @@ def storage_path(cfg: PipelineConfig) -> str:
 MATERIALIZE_BELOW_BYTES = 256 * 2**20  # shards this small are read once into the object store
 
 
-def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
+def _ingest(folder: Path, always_materialize: bool = False, seed: int = 0) -> ray.data.Dataset:
     """Shards as a Ray Dataset. Small ones (and validation, re-read at every evaluation) are
     materialized up front: training then needs no read tasks at all, which matters on small
     machines where a read task waiting for a whole CPU next to the train workers can starve
@@ -36,19 +36,56 @@ def _ingest(folder: Path, always_materialize: bool = False) -> ray.data.Dataset:
     Materialized blocks are read by 0-CPU tasks on the caller's node (the driver's, which holds
     the runs' bookkeeping too): blocks on a worker node would be lost with it, and re-reading them
     would wait for a CPU that the surviving runs' train workers hold (a multi-node deadlock seen in
-    ``tests/test_multinode.py`` when the head node has no CPUs)."""
+    ``tests/test_multinode.py`` when the head node has no CPUs).
+
+    A folder of partitions (``part-KKK/``, a ModularForge trunk or dense run reading all of them) is
+    mixed row by row: read in path order, a run would see one partition after another (a 256-row
+    shuffle buffer cannot fix that), and its model would drift to whichever partition came last."""
     size = sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
+    parts = _partition_files(Path(folder))
     if not (always_materialize or size <= MATERIALIZE_BELOW_BYTES):
-        return ray.data.read_parquet(str(folder), num_cpus=0.25)
+        return ray.data.read_parquet(parts or str(folder), num_cpus=0.25)
+    if parts:
+        return _mixed_partitions(parts, seed)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ray.data.read_parquet(str(folder), num_cpus=0, ray_remote_args={"scheduling_strategy": here}).materialize()
 
 
+def _partition_files(folder: Path) -> list[str]:
+    """The shard files of a folder of partitions, the partitions interleaved evenly (each file at its
+    fractional position within its own partition, so a small partition is spread over the whole
+    epoch rather than used up first); [] when ``folder`` holds no ``part-KKK/`` folders."""
+    parts = sorted(p for p in folder.glob("part-*") if p.is_dir())
+    keyed = []
+    for k, part in enumerate(parts):
+        files = sorted(part.glob("*.parquet"))
+        keyed += [((i + 0.5) / len(files), k, str(f)) for i, f in enumerate(files)]
+    return [f for *_, f in sorted(keyed)]
+
+
+def _mixed_partitions(files: list[str], seed: int) -> ray.data.Dataset:
+    """The rows of ``files`` in one seeded random order, put into the object store from the driver
+    (no read or shuffle task: see :func:`_ingest` for why none may wait for a CPU)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    rows_per_block = max(1, -(-table.num_rows // max(1, len(files) * 4)))  # a few blocks per file read
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
 def ingest(spec: "RunSpec") -> dict[str, ray.data.Dataset]:
     """The datasets a run trains and validates on (see :func:`_ingest`)."""
-    return {"train": _ingest(spec.train_dir), "val": _ingest(spec.shards.val_dir, always_materialize=True)}
+    seed = spec.cfg.seed
+    return {
+        "train": _ingest(spec.train_dir, seed=seed),
+        "val": _ingest(spec.shards.val_dir, always_materialize=True, seed=seed),
+    }
 
 
 def streams(datasets: dict[str, ray.data.Dataset]) -> bool:

@@ -1,9 +1,11 @@
-"""generate(): KV-cached decoding equals full recompute; sampling filters; stop tokens; streaming."""
+"""generate(): KV-cached decoding equals full recompute; sampling filters; stop tokens; streaming; prompts of
+different lengths in one batch (left padding + attention_mask) equal generating each prompt alone."""
 import pytest
 import torch
 
-from slmlab.generation import filter_logits, generate, sample_next
+from slmlab.generation import filter_logits, generate, generate_ragged, sample_next
 from slmlab.models.layers import MoEConfig
+from slmlab.models.new_llm import NewLLM, NewLLMConfig
 from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig
 
 V = 61
@@ -112,3 +114,124 @@ def test_too_long_request_fails_before_generating():
     model = model_for()
     with pytest.raises(ValueError, match="max_seq_len=64"):
         generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+# ---- prompts of different lengths: left padding and a mask ------------------------------------------
+
+RAGGED = [(None, 2), (MoEConfig(num_experts=3, top_k=2), 1)]  # dense (GQA 4:2) and MoE (MQA)
+
+
+def ragged_prompts(lengths=(3, 7, 5), seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def left_padded(prompts, pad_id=0):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("moe,n_kv", RAGGED)
+def test_ragged_greedy_equals_one_prompt_at_a_time(moe, n_kv):
+    model = model_for(moe, n_kv).eval()
+    prompts = ragged_prompts()
+    alone = [generate(model, torch.tensor([p]), 9, temperature=0)[0].tolist() for p in prompts]
+    assert generate_ragged(model, prompts, pad_id=5, max_new_tokens=9, temperature=0) == alone
+    # generate itself keeps the padding in front of each row; the pad id changes nothing
+    ids, mask = left_padded(prompts, pad_id=0)
+    out = generate(model, ids, 9, temperature=0, attention_mask=mask)
+    assert [row[7 - len(p):] for row, p in zip(out.tolist(), prompts)] == alone
+
+
+@pytest.mark.parametrize("moe,n_kv", RAGGED)
+def test_ragged_prefill_and_decode_logits_equal_single_prompt(moe, n_kv):
+    model = model_for(moe, n_kv).eval()
+    prompts = ragged_prompts()
+    ids, mask = left_padded(prompts)
+    nxt = torch.randint(0, V, (3, 1))
+    with torch.no_grad():
+        cache = model.new_cache(3, 10)
+        pre = model({"input_ids": ids, "attention_mask": mask}, cache=cache, logits_to_keep=1).logits[:, -1]
+        full = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        dec = model({"input_ids": nxt, "attention_mask": full}, cache=cache, start_pos=7).logits[:, -1]
+        for i, p in enumerate(prompts):
+            one = model({"input_ids": torch.tensor([p + nxt[i].tolist()])}).logits[0]
+            torch.testing.assert_close(pre[i], one[-2], atol=1e-5, rtol=0)
+            torch.testing.assert_close(dec[i], one[-1], atol=1e-5, rtol=0)
+
+
+def test_ragged_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = model_for().eval()
+    prompts = ragged_prompts()
+    sample = lambda seed: generate_ragged(  # noqa: E731
+        model, prompts, max_new_tokens=8, temperature=0.9, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+    a = sample(3)
+    assert a == sample(3) and [len(r) for r in a] == [11, 15, 13]
+    assert [r[: len(p)] for r, p in zip(a, prompts)] == prompts
+    assert all(0 <= t < V for r in a for t in r)
+    greedy = generate_ragged(model, prompts, max_new_tokens=8, temperature=0)
+    assert generate_ragged(model, prompts, max_new_tokens=8, temperature=1.3, top_k=1) == greedy
+
+
+def test_ragged_stop_tokens_end_each_prompt_as_alone():
+    model = model_for().eval()
+    prompts = ragged_prompts()
+    free = generate_ragged(model, prompts, max_new_tokens=10, temperature=0)
+    # stop on the first token of prompt 0's continuation that is not its first (it stops at a step >= 1)
+    # and on prompt 2's first token (it stops at once); the others stop if they emit one of those
+    cont0 = free[0][3:]
+    stops = [next(t for t in cont0[1:] if t != cont0[0]), free[2][5]]
+    streamed = []
+    out = generate_ragged(model, prompts, max_new_tokens=10, temperature=0, stop_token_ids=stops,
+                          on_token=streamed.append)
+    alone = [generate(model, torch.tensor([p]), 10, temperature=0, stop_token_ids=stops)[0].tolist()
+             for p in prompts]
+    assert out == alone
+    assert out[0][-1] in stops and 3 + 2 <= len(out[0]) < len(free[0])
+    assert out[2] == free[2][:6]
+    assert len(streamed) == max(len(r) - len(p) for r, p in zip(out, prompts))
+
+
+def test_equal_length_mask_takes_the_plain_path():
+    model = model_for().eval()
+    prompt = torch.randint(0, V, (2, 5))
+    plain = generate(model, prompt, 6, temperature=0)
+    assert torch.equal(generate(model, prompt, 6, temperature=0, attention_mask=torch.ones(2, 5)), plain)
+    assert generate_ragged(model, list(prompt), max_new_tokens=6, temperature=0) == plain.tolist()
+
+
+def test_family_without_padding_support_refuses_ragged_prompts():
+    model = NewLLM(NewLLMConfig(vocab_size=V, dim=16, context_dim=16, n_layers=1, ffn_hidden=16)).eval()
+    assert not model.capabilities.padded_generation
+    with pytest.raises(TypeError, match="NewLLM cannot generate from padded prompts.*must be equal length"):
+        generate_ragged(model, ragged_prompts(), max_new_tokens=3)
+    same = ragged_prompts((4, 4))  # equal lengths need no padding: every family takes them
+    assert [len(r) for r in generate_ragged(model, same, max_new_tokens=3, temperature=0)] == [7, 7]
+
+
+@pytest.mark.parametrize("mask,match", [
+    ([[0, 0, 0, 0], [0, 1, 1, 1]], r"rows \[0\] are all padding"),
+    ([[1, 1, 1, 1], [1, 1, 1, 0]], r"left padding.*rows \[1\]"),  # right padding
+    ([[0, 1, 0, 1], [1, 1, 1, 1]], r"left padding.*rows \[0\]"),  # a gap
+    ([[1, 1, 1], [0, 1, 1]], r"expected the shape of input_ids"),
+])
+def test_bad_padding_masks_are_refused(mask, match):
+    model = model_for().eval()
+    with pytest.raises(ValueError, match=match):
+        generate(model, torch.randint(0, V, (2, 4)), 3, attention_mask=torch.tensor(mask))
+
+
+def test_empty_ragged_prompt_is_refused():
+    with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
+        generate_ragged(model_for(), [[1, 2], []], max_new_tokens=3)
+
+
+def test_rotary_gives_each_row_its_own_positions():
+    model = model_for()
+    cos, sin = model.rope(0, 4, torch.float32)
+    pos = torch.tensor([[0, 0, 0, 1], [0, 1, 2, 3]])  # a row padded by 2, a full row
+    rcos, rsin = model.rope(0, 4, torch.float32, pos)
+    assert rcos.shape == (2, 4, cos.size(-1))
+    assert torch.equal(rcos[0], cos[pos[0]]) and torch.equal(rsin[1], sin)

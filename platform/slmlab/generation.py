@@ -5,13 +5,19 @@ Any model whose ``capabilities.generation`` is set works (the contract in ``mode
 logits_to_keep=1)`` computes only the last position's logits, and requests longer than
 ``capabilities.max_positions`` fail before any token is generated.
 
-The prompt is run once (prefill), then one token per step through the cache. All sequences of a batch
-share one prompt length (no padding support): batch prompts of equal length or call once per prompt.
+The prompt is run once (prefill), then one token per step through the cache. Prompts of one length
+batch as they are. Prompts of different lengths go in left-padded with an ``attention_mask`` (1 = real
+token, 0 = padding), or as a list through ``generate_ragged``, which pads them: every padded key is
+masked out in prefill and in each decode step, and each row's rotary positions start at its first real
+token, so each prompt gets what it would alone (greedy: the same tokens; logits to float rounding).
+That needs a family whose ``capabilities.padded_generation`` is set (VectorSLM, dense and MoE); the
+others (recurrent state, image prefix, swapped-in attention modules) refuse padding before any work. A
+mask with no padding is dropped, so equal-length batches take the unmasked path on every family.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +75,7 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     extra: Mapping[str, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens.
 
@@ -79,15 +86,20 @@ def generate(
     finished sequences report their stop token again. The model is put in eval mode for the call and
     restored afterwards. ``extra``: batch fields the prefill call also gets (e.g. ``pixel_values``, an
     image prefix a vision-language model encodes once into the cache); decode steps get tokens only.
+    ``attention_mask`` (batch, prompt_len): 1 at real tokens, 0 at padding, which must be on the left
+    (prompts of different lengths; the output keeps the padding in front of each prompt).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
+    if attention_mask is not None and attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
     if max_new_tokens <= 0:
         return input_ids
     B, T = input_ids.shape
     caps = model.capabilities
     if not caps.generation:
         raise TypeError(f"{type(model).__name__} declares no generation capability")
+    mask = None if attention_mask is None else _padding_mask(model, attention_mask, input_ids)
     limit = caps.max_positions
     if limit is not None and T + max_new_tokens > limit:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's max_seq_len={limit}")
@@ -100,6 +112,9 @@ def generate(
     try:
         cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
         prefill = {**(extra or {}), "input_ids": input_ids}
+        if mask is not None:  # generated tokens are real: step s reads the view mask[:, :T + s + 1]
+            mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
+            prefill["attention_mask"] = mask[:, :T]
         logits = model(prefill, cache=cache, start_pos=0, logits_to_keep=1).logits[:, -1]
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
         out[:, :T] = input_ids
@@ -119,7 +134,72 @@ def generate(
                 on_token(tok.tolist())
             if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
                 break
-            logits = model({"input_ids": tok[:, None]}, cache=cache, start_pos=T + step, logits_to_keep=1).logits[:, -1]
+            batch = {"input_ids": tok[:, None]}
+            if mask is not None:
+                batch["attention_mask"] = mask[:, : T + step + 1]
+            logits = model(batch, cache=cache, start_pos=T + step, logits_to_keep=1).logits[:, -1]
         return out[:, : T + n]
     finally:
         model.train(was_training)
+
+
+def _padding_mask(model: nn.Module, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The checked bool mask, or None when there is no padding (the plain path, on any family)."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+            f"found {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    if bool(mask.all()):
+        return None
+    if not model.capabilities.padded_generation:
+        raise TypeError(
+            f"{type(model).__name__} cannot generate from padded prompts (no padded_generation capability): "
+            f"prompts must be equal length; batch equal-length prompts or generate one prompt at a time"
+        )
+    empty = (~mask.any(dim=1)).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(f"attention_mask: expected at least one real token per row, rows {empty} are all padding")
+    gaps = (mask[:, :-1] & ~mask[:, 1:]).any(dim=1).nonzero()[:, 0].tolist()  # a 1 followed by a 0
+    if gaps:
+        raise ValueError(
+            f"attention_mask: expected left padding (zeros, then ones), rows {gaps} have padding after a real "
+            f"token (right padding or gaps)"
+        )
+    return mask
+
+
+def generate_ragged(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    pad_id: int = 0,
+    max_new_tokens: int = 64,
+    **kwargs,
+) -> list[list[int]]:
+    """Continue prompts of any lengths in one batch: each is left-padded with ``pad_id`` (any valid token
+    id; padding is masked out, so it changes nothing), and ``generate`` runs with the padding mask.
+    ``kwargs`` are generate's (temperature, top_k, top_p, stop_token_ids, generator, on_token, extra).
+
+    Returns one list per prompt: the prompt, then its continuation, ending at (and keeping) its first stop
+    token; the stop-token fill that waits for the rest of the batch is dropped, so each list is what
+    generating that prompt alone returns (for greedy decoding, token for token).
+    """
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt, found none")
+    rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+    lengths = [len(r) for r in rows]
+    if empty := [i for i, n in enumerate(lengths) if n == 0]:
+        raise ValueError(f"prompts: expected at least one token per prompt, prompts {empty} are empty")
+    device = next((p.device for p in prompts if isinstance(p, torch.Tensor)), next(model.parameters()).device)
+    T = max(lengths)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
+    out = generate(model, ids, max_new_tokens, attention_mask=mask, **kwargs).tolist()
+    stop = set(kwargs.get("stop_token_ids", ()))
+    result = []
+    for row, n in zip(out, lengths):
+        new = row[T:]
+        end = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
+        result.append(row[T - n : T] + new[:end])
+    return result

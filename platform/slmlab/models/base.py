@@ -9,7 +9,9 @@ touched. What a model may be asked, in full:
     (aligned with the logits: labels[t] is the target at position t, IGNORE_INDEX where no loss
     falls) is there in training and evaluation. Anything else a family needs (images, a
     teacher's activations, extra masks) travels in the same dict, named in
-    ``capabilities.batch_fields``, from the Ray Data shard straight to the model.
+    ``capabilities.batch_fields``, from the Ray Data shard straight to the model. Only when
+    ``capabilities.padded_generation``: ``attention_mask`` (batch, start_pos + seq), 0 at the left
+    padding of every position so far, for generating from prompts of different lengths at once.
 ``capabilities``
     What the model can do, declared once (never sniffed from signatures): see :class:`Capabilities`.
 ``new_cache(batch_size, max_len, device=None, dtype=None)``
@@ -47,6 +49,8 @@ class Capabilities:
     """What a model declares about itself; callers branch on these, never on signatures."""
 
     generation: bool = False  # has new_cache() and decodes one token at a time through it
+    # forward honours batch["attention_mask"] (left padding): prompts of different lengths share a batch
+    padded_generation: bool = False
     max_positions: int | None = None  # longest sequence it can run (rotary tables); None = unbounded
     hf_export: str | None = None  # name of the transformers architecture it exports to, None = no export
     batch_fields: tuple[str, ...] = ("input_ids", "labels")  # the batch entries forward reads

@@ -84,21 +84,29 @@ class RotaryEmbedding(nn.Module):
             self.cos, self.sin = self._tables(self.cos.device)
         return self
 
-    def forward(self, start_pos: int, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, start_pos: int, seq_len: int, dtype: torch.dtype, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions [start_pos, start_pos+seq_len): (seq_len, head_dim // 2). With ``positions``
+        (batch, seq_len), each row's own positions instead, (batch, seq_len, head_dim // 2): a left-padded
+        prompt starts at 0 after its padding. Those never exceed start_pos+seq_len-1, the bound checked."""
         end = start_pos + seq_len
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
         # HF casts cos/sin to the activation dtype before the rotation; so do we (bf16 parity).
+        if positions is not None:
+            return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
         return self.cos[start_pos:end].to(dtype), self.sin[start_pos:end].to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (batch, seq, heads, head_dim) by cos/sin of shape (seq, head_dim // 2).
+    """Rotate x of shape (batch, seq, heads, head_dim) by cos/sin of shape (seq, head_dim // 2), or
+    (batch, seq, head_dim // 2) when every sequence has its own positions.
 
     Equals HF ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` exactly:
     first half -> x1*cos - x2*sin, second half -> x2*cos + x1*sin.
     """
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads axis
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -159,8 +167,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``key_mask`` (batch, start_pos+T) bool, False at padding (left-padded prompts of different
+        lengths in one batch): those keys are never attended to. None = every key is real."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
@@ -171,19 +187,30 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.size(2) :]  # the keys held: the cache's history, or these T alone
 
         if T == 1:
-            # Decode: the single query sees every valid key, so no mask. The query heads that share a
-            # kv head are folded into the query-length axis, (B, n_kv, group, hd): each kv head is read
-            # once per step instead of once per query head (GQA decode is memory-bound on the cache).
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v)
+            # Decode: the single query sees every key held, so no mask unless some are padding. The query
+            # heads that share a kv head are folded into the query-length axis, (B, n_kv, group, hd): each
+            # kv head is read once per step instead of once per query head (GQA decode is memory-bound on
+            # the cache).
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
             return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
 
         mask, causal = None, True
-        if cache is not None and start_pos > 0:  # chunked prefill: query i (position start_pos+i) sees keys <= it
+        if key_mask is not None or (cache is not None and start_pos > 0):
+            # chunked prefill or padding: query i (position start_pos+i) sees keys <= it that are not padding
             causal = False
-            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-            mask = torch.arange(start_pos + T, device=x.device)[None, :] <= q_pos[:, None]
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+            k_pos = torch.arange(start_pos + T - k.size(2), start_pos + T, device=x.device)[None, :]
+            mask = k_pos <= q_pos
+            if key_mask is not None:
+                # A padding query would see no key at all: some SDPA kernels give such a row NaN (CPU's
+                # gives 0), which later layers would read as a value (0 * NaN is NaN), so it sees itself.
+                # Real queries are unaffected.
+                mask = (mask & key_mask[:, None, None, :]) | (k_pos == q_pos)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads
         )

@@ -111,8 +111,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.moe) if cfg.moe else SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, key_mask)
         h = self.ffn(self.ffn_norm(x))
         aux = None
         if isinstance(h, tuple):  # MoE returns (output, MoEAux)
@@ -127,6 +127,7 @@ class VectorSLM(LanguageModel):
         # rotary tables bound the positions; the layout is Llama's, or Mixtral's with MoE
         self.capabilities = Capabilities(
             generation=True,
+            padded_generation=True,
             max_positions=cfg.max_seq_len,
             hf_export="MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
         )
@@ -169,17 +170,35 @@ class VectorSLM(LanguageModel):
         """batch["input_ids"] (batch, seq) at positions [start_pos, start_pos+seq). With ``cache`` the keys/values
         are stored there and earlier positions are read from it. ``labels`` are aligned with the
         logits (labels[t] is the target at t). ``logits_to_keep=n`` computes only the last n logits
-        (generation needs 1). Metrics (aux losses, expert load) are reported when labels are given."""
+        (generation needs 1). Metrics (aux losses, expert load) are reported when labels are given.
+
+        ``batch["attention_mask"]`` (optional, batch x start_pos+seq, 1 = real token, 0 = left padding)
+        covers every position so far, the cached ones too: padded keys are masked out and each row's
+        rotary positions count its real tokens only, so a left-padded prompt computes what it would alone."""
         input_ids, labels = batch["input_ids"], batch.get("labels")
+        T = input_ids.size(1)
+        key_mask = positions = None
+        if (mask := batch.get("attention_mask")) is not None:
+            if mask.shape != (input_ids.size(0), start_pos + T):
+                raise ValueError(
+                    f"attention_mask: expected shape {(input_ids.size(0), start_pos + T)} (batch, start_pos + "
+                    f"seq: every position so far), found {tuple(mask.shape)}"
+                )
+            key_mask = mask.bool()
+            # A row's first real token is position 0 (padding gets 0 too; it only attends to itself). Rotary
+            # scores depend on relative positions only, so this buys exactness: the same cos/sin entries,
+            # hence the same rounding, as the prompt alone (a shift by the padding differs in bf16).
+            positions = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
         x = self.tok_emb(input_ids)
         cos, sin = self.rope(
             start_pos,
-            input_ids.size(1),
+            T,
             x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type),
+            positions,
         )
         auxes = []
         for layer in self.layers:
-            x, aux = layer(x, cos, sin, cache, start_pos)
+            x, aux = layer(x, cos, sin, cache, start_pos, key_mask)
             if aux is not None:
                 auxes.append(aux)
         x = self.norm(x)

@@ -1,4 +1,6 @@
 """AleMoEVLM: the model (cache, prefix, export, routing, metrics), its image-text data and generation."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,6 +408,13 @@ def test_pipeline_trains_registers_and_evaluates(ray_local, tmp_path):
     assert arts == {"report/accuracy_by_question_type.png", "report/expert_share_by_modality.png"}
     page = write_report("vlm-tiny", tmp_path / "report.html", tmp_path / "runs").read_text()
     assert "accuracy by question type" in page and "eval/acc/digit" in page
+    # the pipeline's tokenizer also trained on the distinct text lines of both stages' training images
+    from slmlab.data.images import ImageDataConfig, tokenizer_texts
+
+    [data_dir] = [p for p in (tmp_path / "runs" / "cache" / "data").iterdir() if (p / "_SUCCESS").exists()]
+    summary = json.loads((data_dir / "summary.json").read_text())
+    want = tokenizer_texts([ImageDataConfig.model_validate(st["data"]) for st in raw["stages"][:2]], seed=3)
+    assert summary["tokenizer"]["image_text_lines"] == len(want) > 0
 
 
 def test_export_command_writes_the_text_decoder_as_mixtral(vlm_model_dir, tmp_path):
@@ -419,3 +428,31 @@ def test_export_command_writes_the_text_decoder_as_mixtral(vlm_model_dir, tmp_pa
     assert run.exit_code == 0, run.output
     assert "MixtralForCausalLM" in run.output
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_tokenizer_texts_are_the_training_images_lines_only():
+    from slmlab.config import validate_pipeline
+    from slmlab.data.images import ImageDataConfig, shape_records, tokenizer_texts
+    from slmlab.data.shards import cache_key
+
+    shapes = {"kind": "shapes", "n_train": 20, "n_val": 5}
+    data = ImageDataConfig.model_validate({"task": "qa", "sources": [shapes, {**shapes, "repeat": 3}]})
+    lines = tokenizer_texts([data, data], seed=3)
+    recs = shape_records(3, 20, 5)
+    train_captions = {r["caption"] for r in recs if r["split"] == "train"}
+    held_out = {r["caption"] for r in recs if r["split"] == "val"} - train_captions
+    assert len(lines) == len(set(lines))  # distinct: repeats and a second stage add nothing
+    assert train_captions <= set(lines) and not held_out & set(lines)
+    assert {"what shape is the red object?", "circle", "bottom"} <= set(lines)
+
+    raw = {"name": "t", "run_dir": "/tmp/unused", "data": {"sources": [{"kind": "embedded", "max_documents": 5}]},
+           "model": {"family": "alemoe_vlm"},
+           "stages": [{"kind": "vlm_train", "name": "qa", "data": {"sources": [shapes]}}]}
+    with_images = validate_pipeline(raw, "t.yaml")
+    other_images = validate_pipeline({**raw, "stages": [{**raw["stages"][0], "data": {"sources": [
+        {**shapes, "n_train": 21}]}}]}, "t.yaml")
+    without = validate_pipeline({**raw, "tokenizer": {"image_text": False}}, "t.yaml")
+    text_only = validate_pipeline({k: v for k, v in raw.items() if k != "stages"}, "t.yaml")
+    keys = {cache_key(c, fingerprints=[]) for c in (with_images, other_images, without)}
+    assert len(keys) == 3  # the tokenizer's image text is part of what the data cache is
+    assert cache_key(without, fingerprints=[]) == cache_key(text_only, fingerprints=[])  # old caches stay valid

@@ -123,3 +123,6 @@ class TokenizerConfig(Strict):
     vocab_size: int = Field(16384, ge=300)  # byte-level BPE: 256 byte symbols + merges + specials
     sample_bytes: int = Field(50_000_000, ge=1000)  # bounded training sample, drawn from every source by weight
     min_frequency: int = Field(2, ge=1)  # merges seen fewer times are noise on small corpora
+    # also train on the distinct caption/question/answer lines of every vlm_train stage's training images, so
+    # their words ("circle", "bottom", "red") are whole tokens wherever they occur
+    image_text: bool = True

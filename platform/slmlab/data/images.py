@@ -280,6 +280,30 @@ def _read_records(src: ImageSourceConfig, index: int, seed: int, val_fraction: f
     return records, bad
 
 
+def tokenizer_texts(data_configs: list[ImageDataConfig], seed: int) -> list[str]:
+    """The distinct caption / question / answer lines of the *training* images of ``data_configs``,
+    for the pipeline's tokenizer: a BPE trained on prose alone splits "circle" into four tokens and
+    "red" differently at a caption's start and inside a question, so the same word reaches the
+    decoder as unstable multi-token patterns. Held-out images stay unseen; distinct lines only, so a
+    generator's thousands of near-identical captions do not outweigh the corpus."""
+    lines: dict[str, None] = {}
+    seen: set[str] = set()
+    for cfg in data_configs:
+        for i, src in enumerate(cfg.sources):
+            key = json.dumps([source_fingerprint(src), cfg.val_fraction], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            records, _ = _read_records(src, i, seed, cfg.val_fraction)
+            for r in records:
+                if r["split"] != "train":
+                    continue
+                for text in [CAPTION_PROMPT, r["caption"] or ""] + [t for q, a, _ in r["qa"] for t in (q, a)]:
+                    if text:
+                        lines.setdefault(text)
+    return list(lines)
+
+
 def source_fingerprint(src: ImageSourceConfig) -> object:
     """What a source's content is: its settings, plus the digest of every local file it reads."""
     entry: dict = src.model_dump(mode="json")

@@ -105,6 +105,7 @@ def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_p
     if fingerprints is None:
         cache_dir = Path(cfg.run_dir) / "cache"
         fingerprints = [resolve_source(i, s, cache_dir).fingerprint for i, s in enumerate(cfg.data.sources)]
+    image_data = _image_data_configs(cfg) if not tokenizer_path else []
     payload = {
         "format": FORMAT_VERSION,
         "seed": cfg.seed,
@@ -112,14 +113,27 @@ def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_p
         # a reused tokenizer is identified by its content; a trained one by its settings (+ the data)
         "tokenizer": {"reused": file_digest(str(tokenizer_path))}
         if tokenizer_path
-        else cfg.tokenizer.model_dump(mode="json"),
+        else cfg.tokenizer.model_dump(mode="json", exclude={"image_text"}),  # its effect: "image_text" below
         "sources": fingerprints,
     }
+    if image_data:  # the image-text lines the tokenizer also trains on
+        from slmlab.data.images import source_fingerprint
+
+        payload["image_text"] = [[source_fingerprint(s) for s in d.sources] + [d.val_fraction] for d in image_data]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _image_data_configs(cfg: PipelineConfig) -> list:
+    """The image-text data of the pipeline's vlm_train stages, when the tokenizer trains on it too."""
+    if not cfg.tokenizer.image_text:
+        return []
+    from slmlab.data.images import ImageDataConfig
+
+    return [st.data for st in cfg.stage_list() if isinstance(getattr(st, "data", None), ImageDataConfig)]
 
 
 @contextlib.contextmanager
@@ -383,6 +397,15 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
             write_transformers_config(out)
     else:
         tok_texts = _tokenizer_texts(sample, budget, sample_by_source)
+        image_data = _image_data_configs(cfg)
+        lines: list[str] = []
+        if image_data:
+            from slmlab.data.images import tokenizer_texts
+
+            lines = tokenizer_texts(image_data, cfg.seed)
+            progress(f"data: the tokenizer also trains on {len(lines):,} distinct caption/question/answer lines "
+                     f"of the image-text stages' training images (tokenizer.image_text)")
+            tok_texts += lines
         progress(
             f"data: training byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on "
             f"{int(sample_by_source.sum()):,} bytes drawn from {int((sample_by_source > 0).sum())} source(s) "
@@ -571,6 +594,8 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         "reused_from": str(reuse_tokenizer) if reuse_tokenizer else None,
         "sample_bytes": int(sample_by_source.sum()),
         "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)},
+        # distinct caption/question/answer lines of the image-text stages' training images (tokenizer.image_text)
+        "image_text_lines": 0 if reuse_tokenizer else len(lines),
     }
     if part:
         summary["partitions"] = {

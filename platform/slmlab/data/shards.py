@@ -387,6 +387,7 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     # a fixed order whatever order Ray returned rows in (equal keys: by text hash)
     sample = sample.take(pc.sort_indices(sample, [("key", "ascending"), ("source", "ascending"), ("u", "ascending")]))
     sample_by_source = np.zeros(S, np.int64)
+    lines: list[str] = []  # image-text lines the tokenizer also trained on
     if reuse_tokenizer is not None:
         progress(f"data: reusing the tokenizer {reuse_tokenizer}")
         tok_path = out / "tokenizer.json"
@@ -398,7 +399,6 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
     else:
         tok_texts = _tokenizer_texts(sample, budget, sample_by_source)
         image_data = _image_data_configs(cfg)
-        lines: list[str] = []
         if image_data:
             from slmlab.data.images import tokenizer_texts
 
@@ -595,7 +595,7 @@ def _build(cfg: PipelineConfig, resolved, out: Path, progress, reuse_tokenizer: 
         "sample_bytes": int(sample_by_source.sum()),
         "sample_bytes_by_source": {labels[i]: int(sample_by_source[i]) for i in range(S)},
         # distinct caption/question/answer lines of the image-text stages' training images (tokenizer.image_text)
-        "image_text_lines": 0 if reuse_tokenizer else len(lines),
+        "image_text_lines": len(lines),
     }
     if part:
         summary["partitions"] = {

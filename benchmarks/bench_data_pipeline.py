@@ -3,8 +3,9 @@
     python benchmarks/bench_data_pipeline.py [--mb 24] [--actors 1,2] [--vocab 8192]
 
 Same text, same machine, one run:
-  * baseline: ``Tokenizer.encode_batch`` on every document in this process, with the library's
-    own thread pool on all cores (TOKENIZERS_PARALLELISM=true) — tokenization only;
+  * baseline: ``Tokenizer.encode_batch`` on every document in this process — tokenization only — at
+    the same number of threads as the pipeline it is compared with: 1 thread (TOKENIZERS_PARALLELISM
+    off) against 1 tokenizer actor, the library's rayon pool at N threads against N actors;
   * pipeline: the documents in Ray's object store → ``TokenizeDocs`` actors (num_cpus=0.5 each, one
     tokenizer thread each) → ``Finalize`` → ``PackAndWrite`` (packing + parquet files), exactly the
     build_shards stages after reading, for 1 and 2 tokenizer actors.
@@ -34,8 +35,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+
+import roofline  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -115,6 +119,16 @@ def run_pipeline(table, tok_path: Path, actors: int, seq_len: int, batch: int, o
     return total, tokens, (t_first - t0 if t_first else 0.0)
 
 
+def baseline(tok, docs: list[str], threads: int, times: list[float]) -> int:
+    """encode_batch on one thread (the library's parallelism off) or on its rayon pool, sized to the largest
+    actor count at start-up (RAYON_NUM_THREADS) so it matches that pipeline's thread count; returns target tokens."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"  # read by tokenizers at each call
+    t0 = time.perf_counter()
+    encs = tok.encode_batch(docs, add_special_tokens=False)
+    times.append(time.perf_counter() - t0)
+    return sum(len(e.ids) for e in encs) + len(docs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=64.0, help="megabytes of text")
@@ -125,6 +139,10 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    actors = [int(a) for a in args.actors.split(",")]
+    if any(1 < k != max(actors) for k in actors):
+        raise SystemExit("--actors: the baseline's thread pool has one size per process: use 1 and one other count")
+    os.environ["RAYON_NUM_THREADS"] = str(max(actors))  # before tokenizers builds its pool
 
     docs, origin = load_text(int(args.mb * 1e6))
     n_bytes = sum(len(d.encode()) for d in docs)
@@ -144,23 +162,20 @@ def main() -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # as build_shards runs it
     table = doc_table(docs)
     ray.data.range(8).map_batches(lambda b: b).materialize()  # warm Ray's worker pool (not the actors)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the baseline's rayon pool uses every core
     tok.encode_batch(docs[:2000], add_special_tokens=False)
-    actors = [int(a) for a in args.actors.split(",")]
+    print("\n".join(roofline.measure().lines()[:2]))
     print(
         f"pipeline: Ray Data on {args.cpus} CPUs, TokenizeDocs actors at num_cpus=0.5 (1 tokenizer thread each), "
         f"tokenize batch {args.batch}, seq_len {args.seq_len}; load average before: {os.getloadavg()[0]:.1f}"
     )
-    base_times, pipe_times, fixed_times = [], {k: [] for k in actors}, {k: [] for k in actors}
+    base_times = {k: [] for k in actors}
+    pipe_times, fixed_times = {k: [] for k in actors}, {k: [] for k in actors}
     tiny = table.slice(0, 64)  # the fixed cost of one execution: actor start-up, scheduling, a file write
     for rep in range(args.repeat):  # interleaved, so neighbours' load hits every configuration alike
-        t0 = time.perf_counter()
-        encs = tok.encode_batch(docs, add_special_tokens=False)
-        base_times.append(time.perf_counter() - t0)
-        base_tokens = sum(len(e.ids) for e in encs) + len(docs)
-        del encs
-        print(f"  [{rep}] baseline encode_batch: {base_times[-1]:6.2f} s  {n_bytes / base_times[-1] / 1e6:6.2f} MB/s")
         for k in actors:
+            base_tokens = baseline(tok, docs, k, base_times[k])
+            print(f"  [{rep}] baseline encode_batch, {k} thread(s): {base_times[k][-1]:6.2f} s  "
+                  f"{n_bytes / base_times[k][-1] / 1e6:6.2f} MB/s")
             fixed, _, _ = run_pipeline(tiny, tok_path, k, args.seq_len, args.batch, work / f"tiny{rep}-{k}")
             total, tokens, t_first = run_pipeline(table, tok_path, k, args.seq_len, args.batch, work / f"out{rep}-{k}")
             assert tokens == base_tokens, f"pipeline packed {tokens} target tokens, baseline counted {base_tokens}"
@@ -168,25 +183,25 @@ def main() -> None:
             fixed_times[k].append(fixed)
             print(
                 f"  [{rep}] {k} actor(s): {total:6.2f} s  {n_bytes / total / 1e6:6.2f} "
-                f"MB/s  ratio {base_times[-1] / total:.2f}"
-                f"  (fixed start-up {fixed:.1f} s; steady ratio {base_times[-1] / max(total - fixed, 1e-9):.2f};"
+                f"MB/s  ratio {base_times[k][-1] / total:.2f}"
+                f"  (fixed start-up {fixed:.1f} s; steady ratio {base_times[k][-1] / max(total - fixed, 1e-9):.2f};"
                 f" {tokens:,} target tokens = baseline's)"
             )
-    base = float(np.min(base_times))
     print(
         f"\nsummary (best of {args.repeat} per configuration; "
         f"{n_bytes / 1e6:.1f} MB; load average after: {os.getloadavg()[0]:.1f})"
     )
     print(
-        "  configuration             seconds   MB/s   ratio to "
-        "encode_batch   fixed start-up   steady ratio (minus start-up)"
+        "  configuration                 seconds   MB/s   ratio to encode_batch   fixed start-up   "
+        "steady ratio (minus start-up)"
     )
-    print(f"  encode_batch, all cores   {base:7.2f}  {n_bytes / base / 1e6:5.2f}   1.00")
     for k in actors:
+        base = float(np.min(base_times[k]))
         t, f = float(np.min(pipe_times[k])), float(np.min(fixed_times[k]))
+        print(f"  encode_batch, {k} thread(s)    {base:7.2f}  {n_bytes / base / 1e6:5.2f}   1.00")
         print(
-            f"  Ray Data, {k} actor(s)      {t:7.2f}  {n_bytes / t / 1e6:5.2f}   {base / t:.2f} "
-            f"                  {f:5.1f} s          {base / max(t - f, 1e-9):.2f}"
+            f"  Ray Data, {k} actor(s)         {t:7.2f}  {n_bytes / t / 1e6:5.2f}   {base / t:.2f} at equal threads"
+            f"       {f:5.1f} s          {base / max(t - f, 1e-9):.2f}"
         )
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)

@@ -221,6 +221,15 @@ def test_generate_with_a_prompt_longer_than_max_seq_len(model_folder):
     assert fits.exit_code == 0 and fits.stdout.startswith("the fox"), (fits.output, fits.exception)
 
 
+def test_generate_int8_streams_from_the_quantised_model(model_folder):
+    """--int8 decodes with int8 weights (fbgemm): the same prompt, a continuation of the asked length."""
+    fp32 = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "6", "-t", "0")
+    int8 = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "6", "-t", "0", "--int8")
+    assert int8.exit_code == 0, (int8.output, int8.exception)
+    assert int8.stdout.startswith("the fox") and len(int8.stdout) > len("the fox")
+    assert fp32.exit_code == 0 and fp32.stdout.startswith("the fox")
+
+
 def test_generate_a_model_that_is_not_registered(tmp_path):
     run_dir = tmp_path / "runs"
     assert_one_line_error(invoke("generate", "models:/nope/1", "--prompt", "hi", "--run-dir", str(run_dir)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmlab.models.base import lm_cross_entropy  # noqa: E402
@@ -110,3 +111,22 @@ def test_quantized_new_llm_still_decodes_with_state():
         state = q.new_cache(1, 20)
         steps = torch.cat([q({"input_ids": ids[:, t:t + 1]}, cache=state, start_pos=t).logits for t in range(20)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
+
+
+def test_dynamic_activation_kernel_stays_close_and_training_keeps_the_float_path():
+    """dynamic_activations: CPU inference runs fbgemm's int8 GEMM on the stored int8 weights, with the input
+    rounded to 8 bits per call. Its output stays within the module's tolerance of dequantise-then-matmul,
+    keeps the leading shape and the bias, follows weight edits, and a grad-carrying input never reaches it."""
+    torch.manual_seed(0)
+    q = quantize_int8(nn.Sequential(nn.Linear(96, 40, bias=True)), dynamic_activations=True)[0]
+    x = torch.randn(3, 5, 96)
+    with torch.no_grad():
+        fast = q(x)
+        reference = F.linear(x, q.qweight.float() * q.scale, q.bias)
+        assert fast.shape == (3, 5, 40)
+        assert ((fast - reference).norm() / reference.norm()).item() < REL_TOL
+        q.scale.mul_(2)  # the packed weight is rebuilt when the weights change
+        assert ((q(x) - q.bias - 2 * (fast - q.bias)).norm() / fast.norm()).item() < REL_TOL
+    x.requires_grad_(True)
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, (q.qweight.float() * q.scale).sum(0).expand(3, 5, 96))

@@ -51,6 +51,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, ge=1)  # steps between resumable checkpoints
     keep_checkpoints: int = Field(2, ge=1)  # older ones are deleted by Ray
     log_every: int = Field(1, ge=1)  # steps between training-metric logs
+    # torch.compile the model (inductor; CPU needs a C++ compiler): fuses norms, rotary and activations into
+    # fewer kernels; the first steps pay the compile (benchmarks/bench_vectorslm_vs_hf.py: ratio, compile time)
+    compile: bool = False
     max_failures: int = Field(0, ge=-1)  # Ray restarts from the last checkpoint this many times (-1 = forever)
     # name prefixes of the parameters that learn (None = all): a frozen trunk, router-only calibration
     trainable: list[str] | None = None

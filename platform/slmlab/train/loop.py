@@ -107,6 +107,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 flush=True,
             )
     trainable = _freeze(model, tc.trainable)
+    if tc.compile:
+        # in place, so parameter names (checkpoints, DeepSpeed's state, safetensors export) stay the model's own
+        model.compile()
     optimizer, scheduler = build_optimizer(model, tc)
     quiet = not verbose()
     if quiet:

@@ -4,6 +4,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SLMLAB_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.slmlab-installed"
+# DeepSpeed's JIT-built ops live beside the environment that built them: in torch's shared default
+# (~/.cache/torch_extensions) two checkouts' environments overwrite each other's build and each rebuilds
+# it (~40 s) on its next run (slmlab/__init__.py sets the same folder when bin/ is not used)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/bin/_env.sh" | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
   echo "[slmlab] setting up $VENV (first run: ~3 minutes)" >&2

@@ -1,5 +1,6 @@
 """slmlab: train and compare small language-model architectures on Ray, DeepSpeed and MLflow."""
 import os as _os
+import sys as _sys
 
 # Local mode binds Ray to loopback. Ray reads this flag once, when it is first imported, so it is
 # set here — before any slmlab module imports ray. It changes nothing when joining a cluster
@@ -17,5 +18,12 @@ _os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # poll. At 0.5 s a do-nothing fit takes 17.9 s instead of 21.5 s here (benchmarks/bench_run_fixed_cost.py);
 # a poll is one small RPC per worker, cheap even for large groups. Train propagates it to its actors.
 _os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+# DeepSpeed JIT-builds its CPU ops (the shared-memory collective every CPU run loads: ~40 s) into torch's
+# extension folder, by default one per user: two virtual environments (a second checkout, a fresh clone)
+# then overwrite each other's build, and each rebuilds it on its next run, seen here as a 40 s DeepSpeed
+# start every other run. One folder per environment, as bin/_env.sh sets it; Ray's workers inherit it.
+if "TORCH_EXTENSIONS_DIR" not in _os.environ and _sys.prefix != _sys.base_prefix:
+    _os.environ["TORCH_EXTENSIONS_DIR"] = _os.path.join(_sys.prefix, "torch_extensions")
 
 __version__ = "0.1.0"

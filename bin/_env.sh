@@ -13,6 +13,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$w
   echo "[slmlab] setting up $VENV (first run: ~3 minutes)" >&2
   PY="${PYTHON:-python3}"
   "$PY" -m venv "$VENV"
+  # the environment's tools first, during set-up too: DeepSpeed's op builds below must use the venv's ninja
+  # (1.13), the one every later run uses; a system ninja (1.11 here) writes a build log the venv's cannot
+  # read, and the first training run then rebuilt both ops from scratch (~2 minutes)
+  export PATH="$VENV/bin:$PATH"
   "$VENV/bin/pip" install -q --upgrade pip >&2
   # torch first and pinned: an unpinned torch (or deepspeed first) pulls a multi-GB CUDA build.
   # On a GPU machine, install the CUDA torch 2.13 build into the venv beforehand; this keeps it.

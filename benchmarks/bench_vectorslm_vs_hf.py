@@ -10,11 +10,11 @@ Same process, same torch, same thread count, one run. It first measures this mac
     ``torch.compile`` (``train.compile``; its compile time is printed), and HF. Each as MFU: model FLOPs
     (6 x matmul params + attention) per second over the measured 2048^3 peak, and over the peak of the
     model's own matmul shapes (the ceiling for that model on this machine);
-  * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours INT8 weight-only, HF ``generate`` with its
-    default (dynamic) cache and with its own ``StaticCache``; each as a fraction of the bandwidth roofline
-    (weight bytes + KV bytes read per token / measured bandwidth). INT8 is checked here by the share of
-    greedy tokens it agrees on; its bits-per-byte change needs trained weights: ``eval.quantize_int8`` logs
-    it for a pipeline's model (quant/fp32_bpb, quant/int8_bpb);
+  * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours INT8 (``quantize_int8(dynamic_activations=True)``,
+    fbgemm W8A8), HF ``generate`` with its default (dynamic) cache and with its own ``StaticCache``; each as a
+    fraction of the bandwidth roofline (weight bytes + KV bytes read per token / measured bandwidth). INT8 is
+    checked here by the share of greedy tokens it agrees on; its bits-per-byte cost needs trained weights
+    (the README quotes it on the main job's model);
   * per-token decode latency at context 128 vs the longest context the model supports.
 
 Timed sections alternate the candidates so background load hits all alike; best-of-N times are reported,
@@ -88,7 +88,7 @@ def hf_copy(ours: VectorSLM, cfg: VectorSLMConfig, device):
         return AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).to(device)
 
 
-def bench_training(name, cfg, batch, seq, rounds, device, dtype, roof, compile_too: bool, cpu: bool) -> dict:
+def bench_training(name, cfg, batch, seq, rounds, device, dtype, roof, compile_too: bool, cpu: bool) -> None:
     torch.manual_seed(0)
     ours = VectorSLM(cfg).to(device)
     hf = hf_copy(ours, cfg, device).to(dtype)
@@ -145,13 +145,6 @@ def bench_training(name, cfg, batch, seq, rounds, device, dtype, roof, compile_t
         )
 
 
-def train_sections(args, main_job, big, main_batch, main_seq, big_batch, big_seq, rounds, device, dtype, roof, cpu):
-    bench_training("the main job's size", main_job, main_batch, main_seq, 4 * rounds, device, dtype, roof,
-                   not args.no_compile, cpu)
-    bench_training("30.9M" if not args.quick else "9M (--quick)", big, big_batch, big_seq, rounds, device,
-                   dtype, roof, not args.no_compile, cpu)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 9M-param model instead of 30.9M, fewer repeats")
@@ -189,7 +182,10 @@ def main() -> None:
     print("\n".join(roof.lines()[:2]))
 
     if not args.decode_only:
-        train_sections(args, main_job, big, main_batch, main_seq, big_batch, big_seq, rounds, device, dtype, roof, cpu)
+        bench_training("the main job's size", main_job, main_batch, main_seq, 4 * rounds, device, dtype, roof,
+                       not args.no_compile, cpu)
+        bench_training("30.9M" if not args.quick else "9M (--quick)", big, big_batch, big_seq, rounds, device,
+                       dtype, roof, not args.no_compile, cpu)
 
     # ---- decode throughput --------------------------------------------------------------------
     # fresh identical weights: Adam steps amplify rounding differences between the two implementations
@@ -217,19 +213,19 @@ def main() -> None:
     int8_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours_int8.parameters()}.values())
     mean_ctx = prompt.size(1) + new_tokens / 2
     kv_bytes = 2 * big.n_layers * big.n_kv_heads * big.head_dim * mean_ctx * torch.finfo(dtype).bits / 8
-    bytes_read = {k: (int8_bytes if "int8" in k else weight_bytes) + kv_bytes for k in dec}
+    weights_read = {k: int8_bytes if "int8" in k else weight_bytes for k in dec}
     print(
         f"\nKV-cached greedy decode, batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of {rounds + 1} "
         f"alternating runs; ours and both HF caches give identical tokens: {same}; int8 agrees on "
         f"{int8_agree * 100:.0f}% of tokens (random weights: near-ties flip)"
     )
     for k in dec:
-        ceiling = roof.decode_tokens_per_s(bytes_read[k], 0)
+        ceiling = roof.decode_tokens_per_s(weights_read[k], kv_bytes)
         where = (
             f"{dtps[k] / ceiling * 100:5.1f}% of the bandwidth roofline ({ceiling:.0f} tokens/s: "
-            f"{bytes_read[k] / 1e6:.0f} MB per token)"
+            f"{(weights_read[k] + kv_bytes) / 1e6:.0f} MB per token)"
         )
-        if roof.fits_in_cache(bytes_read[k]):
+        if roof.fits_in_cache(weights_read[k] + kv_bytes):
             where += "; fits in the last-level cache: bound by per-token overhead, not DRAM"
         print(f"  {k:19s} {dtps[k]:8.1f} tokens/s  {1000 / dtps[k]:6.2f} ms/token   {where}")
     for k in ("VectorSLM", "VectorSLM int8 W8A8"):

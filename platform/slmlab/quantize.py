@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
 
     def _packed(self):
         """fbgemm's packed int8 weight, built on first use and again if the weights change."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scale.data_ptr(), self.scale._version)
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scale, self.bias) if t is not None)
         if getattr(self, "_packed_key", None) != key:
             with warnings.catch_warnings():  # quantized tensors are deprecated; the fbgemm kernels are not yet replaced
                 warnings.simplefilter("ignore")

@@ -161,3 +161,42 @@ def test_local_run_listens_on_loopback_only(pipeline_runs):
     assert not is_loopback("::") and not is_loopback("0.0.0.0") and is_loopback("::ffff:127.0.0.1")
     exposed = sorted(s for s in seen if not is_loopback(s[1]))
     assert exposed == [], exposed
+
+
+def test_two_data_parallel_workers_validate_every_batch_exactly_once(ray_local, tmp_path):
+    """Two Ray Train workers (DeepSpeed data parallel): the unsplit validation set is shared out
+    batch by batch, so the step-0 validation loss over the whole set equals the same seeded model's
+    loss computed here in one process, every row counted once (none twice, none missed)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from slmlab.data.tokenizer import load_tokenizer, token_byte_lengths
+    from slmlab.evaluate import evaluate_batches
+    from slmlab.models import build_model
+    from slmlab.pipeline import run_pipeline
+    from tests.conftest import tiny_pipeline_dict
+
+    raw = tiny_pipeline_dict(tmp_path, train__num_workers=2, train__micro_batch_size=2, train__max_steps=1,
+                             train__eval_every=1, train__checkpoint_every=1, train__eval_batches=100_000)
+    cfg = validate_pipeline(raw)
+    result = run_pipeline(cfg)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{cfg.run_dir}/mlflow.db")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    ray_loss = history(client, result.mlflow_run_id, "val/loss")[0]
+    ray_targets = history(client, result.mlflow_run_id, "val/targets")[0]
+
+    model_cfg = json.loads((result.model_dir / "model_config.json").read_text())
+    torch.manual_seed(cfg.seed)  # the loop's initialisation, on every rank
+    model = build_model(type(cfg.model).model_validate(model_cfg))
+    val_dir = next(p for p in (Path(cfg.run_dir) / "cache" / "data").iterdir() if (p / "val").is_dir()) / "val"
+    table = pq.read_table(val_dir)
+    batches = [table.slice(i, 64).to_pydict() for i in range(0, table.num_rows, 64)]
+    tokenizer = load_tokenizer(result.model_dir / "tokenizer.json")
+    local = evaluate_batches(model, batches, torch.tensor(token_byte_lengths(tokenizer)), "cpu")
+    assert ray_targets == local["val/targets"]  # every target once: none counted twice, none missed
+    assert math.isclose(ray_loss, local["val/loss"], rel_tol=1e-6), (ray_loss, local["val/loss"])

@@ -33,7 +33,43 @@ def artifact_root(run_dir: str | Path) -> str:
 def client_for(run_dir: str | Path) -> MlflowClient:
     uri = tracking_uri(run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if not USER_TRACKING_URI:
+        _new_store_from_template(Path(run_dir).resolve() / "mlflow.db")
     return MlflowClient(uri, registry_uri=uri)  # explicit store; mlflow's global state is never touched
+
+
+_EMPTY_STORE: Path | None = None  # this process's empty SQLite store, migrated once
+
+
+def _new_store_from_template(db: Path) -> None:
+    """A new SQLite store starts as a copy of an empty one this process already migrated: MLflow's
+    ~60 schema migrations take ~2 s per new store, paid by every run dir (each test's, each sweep's).
+    The copy is linked into place, so a store that exists, or that another process creates at the
+    same moment, is never overwritten."""
+    global _EMPTY_STORE
+    if db.exists():
+        return
+    import tempfile
+
+    if _EMPTY_STORE is None or not _EMPTY_STORE.exists():
+        import atexit
+        import shutil
+
+        folder = tempfile.mkdtemp(prefix="slmlab-mlflow-empty-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        template = Path(folder) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the schema
+        _EMPTY_STORE = template
+    import shutil
+
+    staged = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    shutil.copyfile(_EMPTY_STORE, staged)
+    try:
+        os.link(staged, db)
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def mark_killed(client: MlflowClient, pipeline: str, since_ms: int) -> list[str]:

@@ -28,14 +28,16 @@ MATERIALIZE_BELOW_BYTES = 256 * 2**20  # shards this small are read once into th
 
 
 def _ingest(folder: Path, always_materialize: bool = False, seed: int = 0) -> ray.data.Dataset:
-    """Shards as a Ray Dataset. Small ones (and validation, re-read at every evaluation) are
-    materialized up front: training then needs no read tasks at all, which matters on small
-    machines where a read task waiting for a whole CPU next to the train workers can starve
-    (a streaming read's file listing always asks for 1 CPU). Large corpora stream.
+    """Shards as a Ray Dataset. Small ones (and validation, re-read at every evaluation) are read by
+    the driver straight into the object store: training then needs no read tasks at all, which
+    matters on small machines where a read task waiting for a whole CPU next to the train workers
+    can starve (a streaming read's file listing always asks for 1 CPU). It is quick too: a
+    ``read_parquet(...).materialize()`` of the same few MB spent ~5 s per dataset in Ray Data's
+    executor (task start-up and its polling sleeps), twice per run. Large corpora stream.
 
-    Materialized blocks are read by 0-CPU tasks on the caller's node (the driver's, which holds
-    the runs' bookkeeping too): blocks on a worker node would be lost with it, and re-reading them
-    would wait for a CPU that the surviving runs' train workers hold (a multi-node deadlock seen in
+    The blocks are put by the driver, so they live on its node (which holds the runs' bookkeeping
+    too): blocks on a worker node would be lost with it, and re-reading them would wait for a CPU
+    that the surviving runs' train workers hold (a multi-node deadlock seen in
     ``tests/test_multinode.py`` when the head node has no CPUs).
 
     A folder of partitions (``part-KKK/``, a ModularForge trunk or dense run reading all of them) is
@@ -46,11 +48,8 @@ def _ingest(folder: Path, always_materialize: bool = False, seed: int = 0) -> ra
     if not (always_materialize or size <= MATERIALIZE_BELOW_BYTES):
         return ray.data.read_parquet(parts or str(folder), num_cpus=0.25)
     if parts:
-        return _mixed_partitions(parts, seed)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.data.read_parquet(str(folder), num_cpus=0, ray_remote_args={"scheduling_strategy": here}).materialize()
+        return _from_driver(parts, shuffle_seed=seed)
+    return _from_driver([str(f) for f in sorted(Path(folder).rglob("*.parquet"))])
 
 
 def _partition_files(folder: Path) -> list[str]:
@@ -65,15 +64,22 @@ def _partition_files(folder: Path) -> list[str]:
     return [f for *_, f in sorted(keyed)]
 
 
-def _mixed_partitions(files: list[str], seed: int) -> ray.data.Dataset:
-    """The rows of ``files`` in one seeded random order, put into the object store from the driver
-    (no read or shuffle task: see :func:`_ingest` for why none may wait for a CPU)."""
+def _from_driver(files: list[str], shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """The rows of ``files``, in file order or (``shuffle_seed``) in one seeded random order, put
+    into the object store from the driver: no read or shuffle task (see :func:`_ingest`)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    if not files:
+        raise FileNotFoundError("no parquet shards to read (the data build wrote none)")
+    tables = [pq.read_table(f) for f in files]
+    if shuffle_seed is None:
+        # one block per file, as read_parquet makes them: the loader's shuffle buffer fills block by
+        # block, so the same blocks give the same batches (and the same loss curve) as before
+        return ray.data.from_arrow(tables)
+    table = pa.concat_tables(tables).combine_chunks()
+    table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
     rows_per_block = max(1, -(-table.num_rows // max(1, len(files) * 4)))  # a few blocks per file read
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(blocks)
@@ -123,7 +129,11 @@ def build_trainer(spec: "RunSpec", *, tracking_uri: str, callbacks=None, dataset
         torch_config=torch_config(),  # the rendezvous store on 127.0.0.1 when the workers share a node
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=options),
+        # one worker reads whole datasets: a split's coordinator actor costs ~2.5 s at its first epoch. Validation
+        # is never split; each rank evaluates every world-th batch of it (see the loop's `evaluate`)
+        dataset_config=DataConfig(
+            datasets_to_split=["train"] if tc.num_workers > 1 else [], execution_options=options
+        ),
         run_config=RunConfig(
             name=spec.run_name,
             storage_path=storage_path(cfg),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -153,9 +154,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_checkpoint_step = step
 
     def evaluate() -> dict[str, float]:
+        # validation reaches every rank whole (unsplit: no coordinator actor to start): rank r takes
+        # batches r, r + world, ...; the sums are all-reduced
+        batches = val_shard.iter_torch_batches(batch_size=mb, drop_last=False)
         return evaluate_batches(
             engine,
-            val_shard.iter_torch_batches(batch_size=mb, drop_last=False),
+            itertools.islice(batches, rank, None, world),
             byte_lengths,
             device,
             max_batches=tc.eval_batches,

@@ -34,7 +34,7 @@ def test_killed_sweep_driver_resumes_every_trial_exactly_once(tmp_path):
             }
         )
     )
-    env = {**os.environ, "SLMLAB_FAIL_SLOW_STEP_S": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "SLMLAB_FAIL_SLOW_STEP_S": "0.5", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     cli = [sys.executable, "-m", "slmlab.cli", "sweep", str(tmp_path / "p.yaml")]
     driver = subprocess.Popen(

@@ -30,12 +30,13 @@ def run_pipeline(
 def run_stages(
     cfg: PipelineConfig, resume: str | None = None, progress: Callable[[str], None] = print
 ) -> dict[str, StageResult]:
-    from slmlab.data.shards import build_shards
+    from slmlab.data.shards import build_shards, resolve_sources
     from slmlab.runtime import ensure_ray
     from slmlab.tracking import client_for
 
+    resolved = resolve_sources(cfg)  # a missing corpus or an oversized document fails before Ray starts
     ensure_ray()
-    shards = build_shards(cfg, progress=progress)  # Ray Data stage (cached)
+    shards = build_shards(cfg, progress=progress, resolved=resolved)  # Ray Data stage (cached)
     # the model's vocabulary is the trained tokenizer's: a copy, the user's config is never mutated
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": shards.summary["vocab_size"]})})
     state = PipelineState.load(cfg, resume) if resume else PipelineState.new(cfg)

@@ -293,13 +293,23 @@ def _write_empty(folder: Path, seq_len: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_shards(cfg: PipelineConfig, progress=print, tokenizer_path: str | Path | None = None) -> Shards:
+def resolve_sources(cfg: PipelineConfig) -> list:
+    """Each of ``cfg.data.sources`` found, listed and fingerprinted (no Ray needed): a missing path or
+    an oversized document fails here, before anything starts."""
+    cache_dir = Path(cfg.run_dir) / "cache"
+    return [resolve_source(i, s, cache_dir) for i, s in enumerate(cfg.data.sources)]
+
+
+def build_shards(
+    cfg: PipelineConfig, progress=print, tokenizer_path: str | Path | None = None, resolved: list | None = None
+) -> Shards:
     """Return the cached shards for ``cfg``, building them on Ray Data when missing.
 
     ``tokenizer_path``: reuse this tokenizer.json (e.g. the pretraining one, for instruction
-    fine-tuning) instead of training one on the data; ``cfg.tokenizer`` is then ignored."""
+    fine-tuning) instead of training one on the data; ``cfg.tokenizer`` is then ignored.
+    ``resolved``: ``resolve_sources(cfg)`` when the caller already ran it."""
     cache_dir = Path(cfg.run_dir) / "cache"
-    resolved = [resolve_source(i, s, cache_dir) for i, s in enumerate(cfg.data.sources)]
+    resolved = resolved if resolved is not None else resolve_sources(cfg)
     key = cache_key(cfg, [r.fingerprint for r in resolved], tokenizer_path)
     cache_root = cache_dir / "data"
     final = cache_root / key

@@ -26,4 +26,13 @@ _os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 if "TORCH_EXTENSIONS_DIR" not in _os.environ and _sys.prefix != _sys.base_prefix:
     _os.environ["TORCH_EXTENSIONS_DIR"] = _os.path.join(_sys.prefix, "torch_extensions")
 
+# Those builds run whichever `ninja` is first on PATH, and a ninja of another version cannot read the
+# build log and rebuilds both ops (~60 s). bin/ puts the environment's ninja first (the one set-up built
+# with); a bare `.venv/bin/python ...` (how the benchmarks are run) found the system's instead, and the
+# two took turns rebuilding. So the environment's own bin/ goes first, as activating it would do.
+_env_bin = _os.path.join(_sys.prefix, "bin")
+if _sys.prefix != _sys.base_prefix and _os.path.isfile(_os.path.join(_env_bin, "ninja")):
+    if _os.environ.get("PATH", "").split(_os.pathsep)[0] != _env_bin:
+        _os.environ["PATH"] = _env_bin + _os.pathsep + _os.environ.get("PATH", "")
+
 __version__ = "0.1.0"

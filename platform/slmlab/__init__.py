@@ -31,8 +31,9 @@ if "TORCH_EXTENSIONS_DIR" not in _os.environ and _sys.prefix != _sys.base_prefix
 # with); a bare `.venv/bin/python ...` (how the benchmarks are run) found the system's instead, and the
 # two took turns rebuilding. So the environment's own bin/ goes first, as activating it would do.
 _env_bin = _os.path.join(_sys.prefix, "bin")
+_path = _os.environ.get("PATH", "")
 if _sys.prefix != _sys.base_prefix and _os.path.isfile(_os.path.join(_env_bin, "ninja")):
-    if _os.environ.get("PATH", "").split(_os.pathsep)[0] != _env_bin:
-        _os.environ["PATH"] = _env_bin + _os.pathsep + _os.environ.get("PATH", "")
+    if _path.split(_os.pathsep)[0] != _env_bin:
+        _os.environ["PATH"] = _env_bin + _os.pathsep + _path
 
 __version__ = "0.1.0"

@@ -6,7 +6,10 @@ Default store: ``<run_dir>/mlflow.db`` (SQLite, so the model registry works) wit
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,19 +52,12 @@ def _new_store_from_template(db: Path) -> None:
     global _EMPTY_STORE
     if db.exists():
         return
-    import tempfile
-
     if _EMPTY_STORE is None or not _EMPTY_STORE.exists():
-        import atexit
-        import shutil
-
         folder = tempfile.mkdtemp(prefix="slmlab-mlflow-empty-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         template = Path(folder) / "mlflow.db"
         MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the schema
         _EMPTY_STORE = template
-    import shutil
-
     staged = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     shutil.copyfile(_EMPTY_STORE, staged)
     try:

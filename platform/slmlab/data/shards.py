@@ -103,8 +103,7 @@ class Shards:
 
 def cache_key(cfg: PipelineConfig, fingerprints: list | None = None, tokenizer_path: str | Path | None = None) -> str:
     if fingerprints is None:
-        cache_dir = Path(cfg.run_dir) / "cache"
-        fingerprints = [resolve_source(i, s, cache_dir).fingerprint for i, s in enumerate(cfg.data.sources)]
+        fingerprints = [r.fingerprint for r in resolve_sources(cfg)]
     image_data = _image_data_configs(cfg) if not tokenizer_path else []
     payload = {
         "format": FORMAT_VERSION,

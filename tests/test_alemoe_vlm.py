@@ -152,6 +152,15 @@ def test_text_only_config_ignores_images(one_thread):
     assert "pixel_values" in tiny().capabilities.batch_fields
 
 
+def test_patch_init_std_sets_only_the_patch_embedding():
+    default, lecun = tiny(), tiny(patch_init_std=0.5)
+    assert default.vit.patch.weight.std().item() == pytest.approx(0.1, rel=0.2)  # init_std, as before
+    assert lecun.vit.patch.weight.std().item() == pytest.approx(0.5, rel=0.2)
+    torch.testing.assert_close(lecun.vit.blocks[0].attn.wqkv.weight, default.vit.blocks[0].attn.wqkv.weight)
+    with pytest.raises(ValueError, match="patch_init_std"):
+        AleMoEVLMConfig(vocab_size=V, patch_init_std=0.0)
+
+
 @pytest.mark.parametrize("bad, field", [({"image_size": 30, "patch_size": 4}, "patch_size"),
                                         ({"vit_dim": 48, "vit_heads": 8}, "vit_heads"),
                                         ({"image_size": 24, "patch_size": 4, "pixel_shuffle": 4}, "pixel_shuffle")])
@@ -388,7 +397,9 @@ def test_pipeline_trains_registers_and_evaluates(ray_local, tmp_path):
             {"kind": "vlm_train", "name": "qa", "init_from": "captions", "register_as": "vlm-tiny",
              "data": {"task": "qa", "image_size": 16, "seq_len": 48, "sources": [{**digits, "repeat": 2, "shift": 1},
                                                                                  shapes]},
-             "train": {"max_steps": 4, "trainable": ["vit.", "projector.", "decoder."]}},
+             # lr_scale: the ViT blocks at a tenth of the lr, through DeepSpeed's engine and the LR scheduler
+             "train": {"max_steps": 4, "trainable": ["vit.", "projector.", "decoder."],
+                       "lr_scale": {"vit.blocks": 0.1}}},
             {"kind": "vlm_eval", "of": "qa"},
         ],
     }

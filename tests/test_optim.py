@@ -58,3 +58,31 @@ def test_no_empty_parameter_group_when_only_matrices_train():
     groups = param_groups(model, 0.1)
     assert [len(g["params"]) for g in groups] == [1] and groups[0]["weight_decay"] == 0.1
     assert [len(g["params"]) for g in param_groups(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 0.1)] == [1, 3]
+
+
+def test_lr_scale_gives_matching_parameters_their_own_learning_rate_through_the_schedule():
+    vit = torch.nn.ModuleDict({"blocks": torch.nn.Linear(4, 4), "patch": torch.nn.Linear(4, 4)})
+    model = torch.nn.ModuleDict({"vit": vit, "decoder": torch.nn.Linear(4, 4)})
+    cfg = TrainConfig(lr=0.01, warmup_steps=0, max_steps=10, lr_scale={"vit": 0.5, "vit.blocks": 0.1})
+    opt, sched = build_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model["decoder"].weight)] == pytest.approx(0.01)
+    assert lr_of[id(model["vit"]["patch"].weight)] == pytest.approx(0.005)
+    assert lr_of[id(model["vit"]["blocks"].weight)] == pytest.approx(0.001)  # the longest prefix wins
+    assert sched.get_last_lr()[0] == pytest.approx(0.01)  # the first group is the base schedule (train/lr)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    ratios = {round(g["lr"] / sched.get_last_lr()[0], 6) for g in opt.param_groups}
+    assert ratios == {1.0, 0.5, 0.1}  # the multipliers ride the cosine schedule
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_lr_scale_without_scales_keeps_the_old_groups_and_rejects_a_prefix_that_matches_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    plain = param_groups(model, 0.1)
+    assert all("lr" not in g for g in plain) and [len(g["params"]) for g in plain] == [1, 3]
+    with pytest.raises(ValueError, match=r"train\.lr_scale.*'vit'"):
+        param_groups(model, 0.1, 0.01, {"vit": 0.1})
+    with pytest.raises(ValueError, match="lr_scale"):
+        TrainConfig(lr_scale={"vit": 0.0})

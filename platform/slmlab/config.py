@@ -57,6 +57,10 @@ class TrainConfig(Strict):
     max_failures: int = Field(0, ge=-1)  # Ray restarts from the last checkpoint this many times (-1 = forever)
     # name prefixes of the parameters that learn (None = all): a frozen trunk, router-only calibration
     trainable: list[str] | None = None
+    # learning-rate multipliers by parameter-name prefix (the longest matching prefix wins; the rest get 1):
+    # a from-scratch ViT that Adam moves at the decoder's full lr scrambles its patch tokens before the
+    # decoder has learnt to look them up (pipelines/alemoe_vlm.yaml sets vit.blocks: 0.1)
+    lr_scale: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     # tokens per optimizer step held fixed across runs that vary data.seq_len (context sweeps): the
     # micro-batch is derived as tokens_per_step / (seq_len * grad_accum_steps * num_workers)
     tokens_per_step: int | None = Field(None, ge=1)

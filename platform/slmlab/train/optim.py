@@ -9,18 +9,37 @@ from torch import nn
 from slmlab.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (embeddings, projections); never norms' gains or biases."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices (embeddings, projections); never norms' gains or biases. With ``lr_scale``
+    ({name prefix: multiplier}, longest prefix wins) each multiplier gets its own groups at lr * multiplier;
+    the unscaled groups come first, so ``get_last_lr()[0]`` stays the base schedule."""
+    scales = dict(lr_scale or {})
+    if scales and lr is None:
+        raise ValueError("param_groups: lr_scale needs the base lr")
+    by_key: dict[tuple[float, bool], list] = {}
+    seen: set[int] = set()
+    matched: set[str] = set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        prefix = max((k for k in scales if name.startswith(k)), key=len, default=None)
+        if prefix is not None:
+            matched.add(prefix)
+        by_key.setdefault((scales[prefix] if prefix else 1.0, p.dim() >= 2), []).append(p)
+    if unmatched := sorted(set(scales) - matched):
+        raise ValueError(f"train.lr_scale: expected prefixes of trainable parameter names, found {unmatched} "
+                         f"matching none")
+    groups = []
+    for scale, decay in sorted(by_key, key=lambda k: (k[0] != 1.0, k[0], not k[1])):
+        group = {"params": by_key[(scale, decay)], "weight_decay": weight_decay if decay else 0.0}
+        if scales:
+            group["lr"] = lr * scale
+        groups.append(group)
     # no empty group: DeepSpeed drops them from the optimizer, and the LR scheduler (built on the
     # groups we pass) then fails its zip with the optimizer's fewer groups (an FFN-only expert)
-    return [g for g in groups if g["params"]]
+    return groups
 
 
 def warmup_cosine(step: int, cfg: TrainConfig) -> float:
@@ -32,7 +51,7 @@ def warmup_cosine(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scale)
     if cfg.optimizer == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -59,7 +59,7 @@ class TrainConfig(Strict):
     trainable: list[str] | None = None
     # learning-rate multipliers by parameter-name prefix (the longest matching prefix wins; the rest get 1):
     # a from-scratch ViT that Adam moves at the decoder's full lr scrambles its patch tokens before the
-    # decoder has learnt to look them up (pipelines/alemoe_vlm.yaml sets vit.blocks: 0.1)
+    # decoder has learnt to look them up (README: where binding fails, {vit.blocks: 0.1})
     lr_scale: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     # tokens per optimizer step held fixed across runs that vary data.seq_len (context sweeps): the
     # micro-batch is derived as tokens_per_step / (seq_len * grad_accum_steps * num_workers)

@@ -24,9 +24,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        prefix = max((k for k in scales if name.startswith(k)), key=len, default=None)
-        if prefix is not None:
-            matched.add(prefix)
+        prefixes = [k for k in scales if name.startswith(k)]
+        matched.update(prefixes)  # a prefix a longer one overrides still matched
+        prefix = max(prefixes, key=len, default=None)
         by_key.setdefault((scales[prefix] if prefix else 1.0, p.dim() >= 2), []).append(p)
     if unmatched := sorted(set(scales) - matched):
         raise ValueError(f"train.lr_scale: expected prefixes of trainable parameter names, found {unmatched} "

@@ -218,6 +218,28 @@ def test_digits_are_the_real_sklearn_images_held_out_by_image():
     assert abs(((pix[0] + 1) * 127.5 * 16 / 255) - d.images[i]).max() < 0.1
 
 
+def test_question_types_keep_only_those_turns_in_training_and_eval(tmp_path):
+    from pydantic import ValidationError
+
+    from slmlab.data.images import ImageSourceConfig, _read_records
+
+    everything, _ = _read_records(ImageSourceConfig(kind="shapes", n_train=6, n_val=2), 0, seed=0, val_fraction=0.2)
+    src = ImageSourceConfig(kind="shapes", n_train=6, n_val=2, question_types=["up_down", "shape"])
+    only, _ = _read_records(src, 0, seed=0, val_fraction=0.2)
+    assert [r["image"] for r in only] == [r["image"] for r in everything]  # same images, fewer questions
+    for full, cut in zip(everything, only):
+        assert cut["qa"] == [t for t in full["qa"] if t[2] in ("up_down", "shape")] and len(cut["qa"]) == 12
+        assert cut["caption"] == full["caption"]
+    # records on disk keep their own types
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "x.png", "question": "q?", "answer": "a", "qtype": "mine"})
+                                      + "\n" + json.dumps({"image": "y.png", "question": "r?", "answer": "b"}) + "\n")
+    recs, _ = _read_records(ImageSourceConfig(kind="jsonl", path=str(tmp_path / "a.jsonl"), question_types=["mine"]),
+                            0, seed=0, val_fraction=0.2)
+    assert [r["qa"] for r in recs] == [[("q?", "a", "mine")], []]
+    with pytest.raises(ValidationError, match=r"question_types: \['colours'\] are not shapes question types"):
+        ImageSourceConfig(kind="shapes", question_types=["shape", "colours"])
+
+
 def test_llava_conversations_and_qa_records_normalise():
     from slmlab.data.images import _turns_of
 

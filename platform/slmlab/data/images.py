@@ -67,11 +67,19 @@ class ImageSourceConfig(StrictConfig):
     n_train: int = Field(4000, ge=1)  # shapes: training scenes
     n_val: int = Field(300, ge=1)  # shapes: held-out scenes
     questions_per_image: int = Field(8, ge=1)  # questions drawn (without replacement) per training copy of an image
+    # only these question types (qtype), in training and held-out eval: a curriculum stage can train the easy
+    # lookups first. None: all. An unknown shapes type is an error; other sources' types are their own
+    question_types: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _path(self) -> "ImageSourceConfig":
         if self.kind in ("jsonl", "parquet", "folder") and not self.path:
             raise ValueError(f"a {self.kind!r} image source needs 'path'")
+        known = {"shapes": ATTRIBUTE_TYPES + RELATIONAL_TYPES, "digits": ("digit",)}.get(self.kind)
+        unknown = sorted(set(self.question_types or ()) - set(known)) if known else []
+        if unknown:
+            raise ValueError(f"question_types: {unknown} are not {self.kind} question types; expected some of "
+                             f"{list(known)}")
         return self
 
 
@@ -233,9 +241,9 @@ class _ChatFields:  # what chat.normalize_chat reads from a source config
 def _read_records(src: ImageSourceConfig, index: int, seed: int, val_fraction: float) -> tuple[list[dict], list[str]]:
     """Normalised records of one source, and its bad records as 'where: why' lines."""
     if src.kind == "digits":
-        return digit_records(seed, val_fraction, src.max_images), []
+        return _only(src, digit_records(seed, val_fraction, src.max_images)), []
     if src.kind == "shapes":
-        return shape_records(seed, src.n_train, src.n_val), []
+        return _only(src, shape_records(seed, src.n_train, src.n_val)), []
     path = Path(src.path)
     if not path.exists():
         raise FileNotFoundError(f"sources[{index}].path: expected a {src.kind} file or folder, found no {path}")
@@ -277,7 +285,15 @@ def _read_records(src: ImageSourceConfig, index: int, seed: int, val_fraction: f
             split = "val" if h < val_fraction else "train"
         records.append({"image_id": name, "image": image if isinstance(image, bytes) else name, "split": split,
                         "caption": caption, "qa": qa})
-    return records, bad
+    return _only(src, records), bad
+
+
+def _only(src: ImageSourceConfig, records: list[dict]) -> list[dict]:
+    """``records`` with their question/answer turns cut to ``src.question_types`` (captions untouched)."""
+    if src.question_types is not None:
+        for r in records:
+            r["qa"] = [turn for turn in r["qa"] if turn[2] in src.question_types]
+    return records
 
 
 def tokenizer_texts(data_configs: list[ImageDataConfig], seed: int) -> list[str]:

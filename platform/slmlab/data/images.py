@@ -301,7 +301,9 @@ def tokenizer_texts(data_configs: list[ImageDataConfig], seed: int) -> list[str]
     for the pipeline's tokenizer: a BPE trained on prose alone splits "circle" into four tokens and
     "red" differently at a caption's start and inside a question, so the same word reaches the
     decoder as unstable multi-token patterns. Held-out images stay unseen; distinct lines only, so a
-    generator's thousands of near-identical captions do not outweigh the corpus."""
+    generator's thousands of near-identical captions do not outweigh the corpus. The cost of that: a
+    one-word answer is one line, seen once, so an answer opening the assistant's turn (no space before
+    it) keeps its byte-pair pieces ("bottom" -> b|ot|tom), while " bottom" inside questions is one token."""
     lines: dict[str, None] = {}
     seen: set[str] = set()
     for cfg in data_configs:

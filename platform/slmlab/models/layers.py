@@ -20,8 +20,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slmlab.schema import StrictConfig
+
+# Single-token decode on CUDA: the key length grows by one every step, and cuDNN attention (SDPA's first
+# choice on Hopper) builds a new plan for every new shape: on an H200 (torch 2.11) that cost ~6 ms of CPU per
+# layer per token, 14 tokens/s at 125M parameters; with flash, 191 tokens/s, and the same latency at context
+# 128 and 2,032. Fixed-shape training and prefill keep SDPA's own choice.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation
@@ -196,7 +203,12 @@ class Attention(nn.Module):
             # kv head is read once per step instead of once per query head (GQA decode is memory-bound on
             # the cache).
             mask = None if key_mask is None else key_mask[:, None, None, :]
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+            q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
+            if q.device.type == "cuda":
+                with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
 
         mask, causal = None, True

@@ -1,6 +1,7 @@
 """VectorSLM vs transformers' LlamaForCausalLM at identical configs and identical weights, against a roofline.
 
     python benchmarks/bench_vectorslm_vs_hf.py [--quick] [--threads N] [--device cpu|cuda] [--no-compile]
+    python benchmarks/bench_vectorslm_vs_hf.py --device cuda --size 125m    # GPU: ~125M params in bf16
 
 Same process, same torch, same thread count, one run. It first measures this machine's limits
 (``roofline.py``: matmul FLOP/s at 2048^3 and at each model's own shapes, read bandwidth, caches), then:
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile training arm")
     ap.add_argument("--decode-only", action="store_true", help="skip the training sections")
+    ap.add_argument("--size", choices=("30.9m", "125m"), default="30.9m",
+                    help="the large model: 30.9M (CPU) or GPT-2-small-like 125M (for a GPU; batch 16 x 1024)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,13 +164,19 @@ def main() -> None:
 
     main_job = VectorSLMConfig(vocab_size=4096, max_seq_len=512, dim=192, n_layers=4, n_heads=6, n_kv_heads=2)
     if args.quick:
+        big_name = "9M (--quick)"
         big = VectorSLMConfig(vocab_size=8192, max_seq_len=2304, dim=384, n_layers=4, n_heads=6, n_kv_heads=2)
         big_batch, big_seq, rounds, new_tokens, lat_steps = 4, 256, 2, 48, 16
+    elif args.size == "125m":  # GPT-2 small's width and depth, GQA 12:4, a 50k vocabulary: ~124M with embeddings
+        big_name = "125M"
+        big = VectorSLMConfig(vocab_size=50304, max_seq_len=2048, dim=768, n_layers=12, n_heads=12, n_kv_heads=4)
+        big_batch, big_seq, rounds, new_tokens, lat_steps = 16, 1024, 5, 128, 16
     else:
+        big_name = "30.9M"
         big = VectorSLMConfig(vocab_size=16384, max_seq_len=2304, dim=512, n_layers=8, n_heads=8, n_kv_heads=2)
         big_batch, big_seq, rounds, new_tokens, lat_steps = 4, 512, 3, 64, 16
     main_batch, main_seq = 16, 128
-    if device.type == "cuda":
+    if device.type == "cuda" and args.size != "125m":
         big_batch *= 8
 
     load0 = os.getloadavg()[0]
@@ -184,8 +193,7 @@ def main() -> None:
     if not args.decode_only:
         bench_training("the main job's size", main_job, main_batch, main_seq, 4 * rounds, device, dtype, roof,
                        not args.no_compile, cpu)
-        bench_training("30.9M" if not args.quick else "9M (--quick)", big, big_batch, big_seq, rounds, device,
-                       dtype, roof, not args.no_compile, cpu)
+        bench_training(big_name, big, big_batch, big_seq, rounds, device, dtype, roof, not args.no_compile, cpu)
 
     # ---- decode throughput --------------------------------------------------------------------
     # fresh identical weights: Adam steps amplify rounding differences between the two implementations

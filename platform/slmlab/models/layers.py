@@ -14,6 +14,7 @@ Contents, top to bottom:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -204,10 +205,7 @@ class Attention(nn.Module):
             # the cache).
             mask = None if key_mask is None else key_mask[:, None, None, :]
             q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
-            if q.device.type == "cuda":
-                with sdpa_kernel(DECODE_SDPA_BACKENDS):
-                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
+            with sdpa_kernel(DECODE_SDPA_BACKENDS) if q.device.type == "cuda" else nullcontext():
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
 

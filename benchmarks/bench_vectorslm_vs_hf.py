@@ -11,11 +11,12 @@ Same process, same torch, same thread count, one run. It first measures this mac
     ``torch.compile`` (``train.compile``; its compile time is printed), and HF. Each as MFU: model FLOPs
     (6 x matmul params + attention) per second over the measured 2048^3 peak, and over the peak of the
     model's own matmul shapes (the ceiling for that model on this machine);
-  * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours INT8 (``quantize_int8(dynamic_activations=True)``,
-    fbgemm W8A8), HF ``generate`` with its default (dynamic) cache and with its own ``StaticCache``; each as a
-    fraction of the bandwidth roofline (weight bytes + KV bytes read per token / measured bandwidth). INT8 is
-    checked here by the share of greedy tokens it agrees on; its bits-per-byte cost needs trained weights
-    (the README quotes it on the main job's model);
+  * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours with the compiled fixed-shape step
+    (``generate(compile_step=True)``: one CUDA graph per token on a GPU), ours INT8
+    (``quantize_int8(dynamic_activations=True)``, fbgemm W8A8), HF ``generate`` with its default (dynamic)
+    cache and with its own ``StaticCache``; each as a fraction of the bandwidth roofline (weight bytes + KV
+    bytes read per token / measured bandwidth). INT8 is checked here by the share of greedy tokens it agrees
+    on; its bits-per-byte cost needs trained weights (the README quotes it on the main job's model);
   * per-token decode latency at context 128 vs the longest context the model supports.
 
 Timed sections alternate the candidates so background load hits all alike; best-of-N times are reported,
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import roofline  # noqa: E402
-from slmlab.generation import generate  # noqa: E402
+from slmlab.generation import FixedShapeDecoder, generate  # noqa: E402
 from slmlab.hf_interop import export_hf  # noqa: E402
 from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig  # noqa: E402
 from slmlab.quantize import quantize_int8  # noqa: E402
@@ -206,12 +207,16 @@ def main() -> None:
     hf_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     dec = {
         "VectorSLM": lambda: generate(ours, prompt, new_tokens, temperature=0),
+        "VectorSLM compiled": lambda: generate(ours, prompt, new_tokens, temperature=0, compile_step=True),
         "VectorSLM int8 W8A8": lambda: generate(ours_int8, prompt, new_tokens, temperature=0),
         "HF default cache": lambda: hf.generate(prompt, **hf_kw),
         "HF StaticCache": lambda: hf.generate(prompt, cache_implementation="static", **hf_kw),
     }
-    outs = {k: fn() for k, fn in dec.items()}
+    t0 = time.perf_counter()
+    outs = {k: fn() for k, fn in dec.items()}  # also the warm-up: compiles our step and HF's static one
+    first_s = time.perf_counter() - t0
     same = all(torch.equal(outs["VectorSLM"], outs[k]) for k in ("HF default cache", "HF StaticCache"))
+    compiled_same = torch.equal(outs["VectorSLM"], outs["VectorSLM compiled"])
     int8_agree = (outs["VectorSLM int8 W8A8"] == outs["VectorSLM"]).float().mean().item()
     best = alternate(dec, device, rounds + 1)
     dtps = {k: new_tokens / w for k, (w, _) in best.items()}
@@ -224,8 +229,9 @@ def main() -> None:
     weights_read = {k: int8_bytes if "int8" in k else weight_bytes for k in dec}
     print(
         f"\nKV-cached greedy decode, batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of {rounds + 1} "
-        f"alternating runs; ours and both HF caches give identical tokens: {same}; int8 agrees on "
-        f"{int8_agree * 100:.0f}% of tokens (random weights: near-ties flip)"
+        f"alternating runs; ours and both HF caches give identical tokens: {same}; our compiled step gives the "
+        f"eager tokens: {compiled_same}; int8 agrees on {int8_agree * 100:.0f}% of tokens (random weights: "
+        f"near-ties flip); the first call of every arm (compiling ours and HF's static step) took {first_s:.1f} s"
     )
     for k in dec:
         ceiling = roof.decode_tokens_per_s(weights_read[k], kv_bytes)
@@ -236,7 +242,7 @@ def main() -> None:
         if roof.fits_in_cache(weights_read[k] + kv_bytes):
             where += "; fits in the last-level cache: bound by per-token overhead, not DRAM"
         print(f"  {k:19s} {dtps[k]:8.1f} tokens/s  {1000 / dtps[k]:6.2f} ms/token   {where}")
-    for k in ("VectorSLM", "VectorSLM int8 W8A8"):
+    for k in ("VectorSLM", "VectorSLM compiled", "VectorSLM int8 W8A8"):
         for base in ("HF default cache", "HF StaticCache"):
             print(
                 f"  {k} / {base}: {dtps[k] / dtps[base]:.2f}x wall-clock"
@@ -255,6 +261,16 @@ def main() -> None:
             for i in range(lat_steps)
         )
 
+    def compiled_latency(ctx: int) -> float:
+        # the compiled step reads its whole cache (masked past the position): the cost follows the cache's
+        # length, ctx + lat_steps rounded up to FixedShapeDecoder.LENGTH_BUCKET
+        decoder = FixedShapeDecoder.of(ours)
+        cache = decoder.cache(1, ctx + lat_steps, device, dtype)
+        tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+        ours({"input_ids": torch.randint(0, big.vocab_size, (1, ctx), device=device)}, cache=cache, logits_to_keep=1)
+        decoder.step(tok, cache, ctx, None)  # on CUDA: (re)captures the graph for this cache
+        return min(timed(lambda: decoder.step(tok, cache, ctx + i, None), device)[0] for i in range(lat_steps))
+
     def hf_latency(ctx: int) -> float:
         from transformers import DynamicCache
 
@@ -267,8 +283,8 @@ def main() -> None:
             for _ in range(lat_steps)
         )
 
-    arms = {"VectorSLM": lambda c: ours_latency(ours, c), "VectorSLM int8 W8A8": lambda c: ours_latency(ours_int8, c),
-            "HF default cache": hf_latency}
+    arms = {"VectorSLM": lambda c: ours_latency(ours, c), "VectorSLM compiled": compiled_latency,
+            "VectorSLM int8 W8A8": lambda c: ours_latency(ours_int8, c), "HF default cache": hf_latency}
     with torch.inference_mode():
         lat = {(name, c): fn(c) for c in (128, longest) for name, fn in arms.items()}
         for name, fn in arms.items():  # second look at the short context

@@ -99,3 +99,31 @@ def test_single_token_decode_never_takes_cudnn_attention():
     assert "aten::scaled_dot_product_attention" in ops and not any("cudnn_attention" in op for op in ops)
     gap = (torch.cat(steps, 1).float() - full.float()).abs().max()
     assert gap < 0.05 * full.float().abs().max()  # bf16 rounding apart, the same logits
+
+
+def test_compiled_decode_step_is_one_cuda_graph_replay_with_the_eager_tokens():
+    """generate(compile_step=True) on CUDA: the fixed-shape step is compiled once and captured as a CUDA graph;
+    each token is one graph replay. Greedy tokens equal eager decoding (fp32, TF32 off), a second call of
+    another length in the same bucket replays the same graph, and ragged prompts equal eager ragged ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from slmlab.generation import FixedShapeDecoder, generate_ragged
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, _ = build("vectorslm")
+    model.eval()
+    prompt = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    assert torch.equal(generate(model, prompt, 12, temperature=0, compile_step=True),
+                       generate(model, prompt, 12, temperature=0))
+    decoder = FixedShapeDecoder.of(model)
+    graph = decoder._graph["graph"]
+    longer = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(7)).cuda()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        compiled = generate(model, longer, 16, temperature=0, compile_step=True)
+    assert torch.equal(compiled, generate(model, longer, 16, temperature=0))
+    assert decoder._graph["graph"] is graph  # replayed, not captured again
+    launches = sum(e.count for e in prof.key_averages() if e.key == "cudaGraphLaunch")
+    assert launches == 15  # one per decode step (the prefill runs eagerly)
+    prompts = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13]]
+    assert generate_ragged(model, prompts, max_new_tokens=8, temperature=0, compile_step=True) == \
+        generate_ragged(model, prompts, max_new_tokens=8, temperature=0)

@@ -235,3 +235,39 @@ def test_rotary_gives_each_row_its_own_positions():
     rcos, rsin = model.rope(0, 4, torch.float32, pos)
     assert rcos.shape == (2, 4, cos.size(-1))
     assert torch.equal(rcos[0], cos[pos[0]]) and torch.equal(rsin[1], sin)
+
+
+def test_compiled_fixed_shape_step_gives_the_eager_tokens_and_reuses_its_cache():
+    """generate(compile_step=True): one torch.compile'd step with a tensor position over a static cache read
+    in full under a mask. Greedy tokens equal eager decoding, for equal and ragged prompts, and a second
+    call of another length in the same bucket reuses the cache (and, on CUDA, the captured graph)."""
+    from slmlab.generation import FixedShapeDecoder
+
+    model = model_for().eval()
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(generate(model, prompt, 12, temperature=0, compile_step=True),
+                       generate(model, prompt, 12, temperature=0))
+    decoder = FixedShapeDecoder.of(model)
+    cache = decoder._cache
+    assert cache.max_len == 64  # the 256 bucket, capped at the model's max_seq_len
+    longer = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(generate(model, longer, 20, temperature=0, compile_step=True),
+                       generate(model, longer, 20, temperature=0))
+    assert decoder._cache is cache and FixedShapeDecoder.of(model) is decoder
+    prompts = ragged_prompts()
+    assert generate_ragged(model, prompts, max_new_tokens=9, temperature=0, compile_step=True) == \
+        generate_ragged(model, prompts, max_new_tokens=9, temperature=0)
+    assert "_fixed_shape_decoder" not in str(model.state_dict().keys())
+
+
+def test_fixed_shape_step_is_refused_where_shapes_cannot_be_fixed():
+    moe = model_for(MoEConfig(num_experts=3, top_k=2)).eval()
+    with pytest.raises(TypeError, match="fixed_shape_decode"):
+        generate(moe, torch.randint(0, V, (1, 4)), 3, temperature=0, compile_step=True)
+    dense = model_for().eval()
+    cache = dense.new_cache(1, 16)
+    with pytest.raises(ValueError, match="expected one token"):
+        dense({"input_ids": torch.randint(0, V, (1, 3))}, cache=cache, start_pos=torch.tensor([0]))
+    with pytest.raises(ValueError, match="attention_mask: the fixed-shape step expects shape"):
+        dense({"input_ids": torch.randint(0, V, (1, 1)), "attention_mask": torch.ones(1, 5)}, cache=cache,
+              start_pos=torch.tensor([4]))

@@ -76,6 +76,7 @@ def generate(
     on_token: Callable[[list[int]], None] | None = None,
     extra: Mapping[str, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens.
 
@@ -88,6 +89,8 @@ def generate(
     image prefix a vision-language model encodes once into the cache); decode steps get tokens only.
     ``attention_mask`` (batch, prompt_len): 1 at real tokens, 0 at padding, which must be on the left
     (prompts of different lengths; the output keeps the padding in front of each prompt).
+    ``compile_step``: decode through one ``torch.compile``d fixed-shape step (a family with
+    ``capabilities.fixed_shape_decode``), replayed as a CUDA graph on a GPU; see ``FixedShapeDecoder``.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -110,10 +113,14 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
+        if compile_step:
+            decoder = FixedShapeDecoder.of(model)
+            cache = decoder.cache(B, T + max_new_tokens, device, dtype)
+        else:
+            cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
         prefill = {**(extra or {}), "input_ids": input_ids}
         if mask is not None:  # generated tokens are real: step s reads the view mask[:, :T + s + 1]
-            mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(B, cache.max_len - T)], dim=1)
             prefill["attention_mask"] = mask[:, :T]
         logits = model(prefill, cache=cache, start_pos=0, logits_to_keep=1).logits[:, -1]
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
@@ -134,6 +141,9 @@ def generate(
                 on_token(tok.tolist())
             if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
                 break
+            if compile_step:
+                logits = decoder.step(tok[:, None], cache, T + step, mask)
+                continue
             batch = {"input_ids": tok[:, None]}
             if mask is not None:
                 batch["attention_mask"] = mask[:, : T + step + 1]
@@ -141,6 +151,86 @@ def generate(
         return out[:, : T + n]
     finally:
         model.train(was_training)
+
+
+class FixedShapeDecoder:
+    """One model's compiled decode step and the static cache it runs on.
+
+    Eager decoding pays Python and kernel-launch overhead per op per layer per token; at small sizes that,
+    not compute or memory, bounds it (on a GPU it is launch-bound). The fixed-shape step (a tensor position,
+    the whole cache read under a mask: ``capabilities.fixed_shape_decode``) has no shape that changes from
+    token to token, so ``torch.compile`` traces it once, and on CUDA it is captured once as a CUDA graph
+    (by hand, not mode "reduce-overhead": the cache is written inside the graph, and one ``replay`` has no
+    per-call bookkeeping) and replayed: one launch per token. A graph is bound to its tensors' addresses, so
+    the cache is kept and reused across calls with the same batch size, dtype and device, its length rounded
+    up to ``LENGTH_BUCKET`` (a longer request builds a longer one): successive ``generate`` calls reuse the
+    compiled step and its graph. Slots past the current position are masked out, so what an earlier call left
+    there is never read. Held on the model (``of``), not in its state dict.
+    """
+
+    LENGTH_BUCKET = 256
+
+    def __init__(self, model: nn.Module):
+        if not model.capabilities.fixed_shape_decode:
+            raise TypeError(
+                f"{type(model).__name__} has no fixed-shape decode step (capabilities.fixed_shape_decode): "
+                f"generate with compile_step=False"
+            )
+        self.model = model
+        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._cache = self._graph = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FixedShapeDecoder":
+        decoder = model.__dict__.get("_fixed_shape_decoder")
+        if decoder is None:
+            decoder = cls(model)
+            model.__dict__["_fixed_shape_decoder"] = decoder  # not a submodule: not in the state dict
+        return decoder
+
+    def cache(self, batch_size: int, length: int, device: torch.device, dtype: torch.dtype):
+        c = self._cache
+        if c is None or (c.batch_size, c.k.dtype, c.k.device) != (batch_size, dtype, device) or c.max_len < length:
+            bucketed = -(-length // self.LENGTH_BUCKET) * self.LENGTH_BUCKET
+            limit = self.model.capabilities.max_positions  # generate has checked that length fits it
+            c = self.model.new_cache(batch_size, min(bucketed, limit or bucketed), device=device, dtype=dtype)
+            self._cache, self._graph = c, None
+        return c
+
+    def _forward(self, tokens, cache, pos, mask):
+        batch = {"input_ids": tokens} if mask is None else {"input_ids": tokens, "attention_mask": mask}
+        return self.model(batch, cache=cache, start_pos=pos, logits_to_keep=1).logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, cache, position: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The logits after ``tokens`` (batch, 1) at ``position``; ``mask`` (batch, cache slots) or None."""
+        if tokens.device.type != "cuda":
+            return self._step(tokens, cache, torch.tensor([position], device=tokens.device), mask)
+        g = self._graph
+        if g is None or g["cache"] is not cache or (g["mask"] is None) != (mask is None):
+            g = self._graph = self._capture(tokens, cache, mask)
+        g["tokens"].copy_(tokens)
+        g["pos"].fill_(position)
+        if mask is not None:
+            g["mask"].copy_(mask)
+        g["graph"].replay()
+        return g["logits"].clone()  # the next replay overwrites the graph's output
+
+    def _capture(self, tokens, cache, mask) -> dict:
+        # Inputs at fixed addresses; warm-up runs (compilation, autotuning) happen before capture on a side
+        # stream, as torch.cuda.graphs requires. They write the last slot, which no real step reads before
+        # writing it itself.
+        g = {"cache": cache, "tokens": tokens.clone(), "mask": None if mask is None else mask.clone()}
+        g["pos"] = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=tokens.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(g["tokens"], cache, g["pos"], g["mask"])
+        torch.cuda.current_stream().wait_stream(side)
+        g["graph"] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g["graph"]):
+            g["logits"] = self._step(g["tokens"], cache, g["pos"], g["mask"])
+        return g
 
 
 def _padding_mask(model: nn.Module, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:

@@ -52,6 +52,9 @@ class Capabilities:
     # forward honours batch["attention_mask"] (left padding): prompts of different lengths share a batch
     padded_generation: bool = False
     max_positions: int | None = None  # longest sequence it can run (rotary tables); None = unbounded
+    # forward accepts a tensor start_pos for one-token steps with every shape fixed (a static cache read in full
+    # under a mask), so generate(compile_step=True) can compile the step once and replay it as a CUDA graph
+    fixed_shape_decode: bool = False
     hf_export: str | None = None  # name of the transformers architecture it exports to, None = no export
     batch_fields: tuple[str, ...] = ("input_ids", "labels")  # the batch entries forward reads
 

@@ -99,7 +99,7 @@ class RotaryEmbedding(nn.Module):
         (batch, seq_len), each row's own positions instead, (batch, seq_len, head_dim // 2): a left-padded
         prompt starts at 0 after its padding. Those never exceed start_pos+seq_len-1, the bound checked."""
         end = start_pos + seq_len
-        if end > self.max_seq_len:
+        if isinstance(end, int) and end > self.max_seq_len:  # (a tensor start_pos comes with positions)
             raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
         # HF casts cos/sin to the activation dtype before the rotation; so do we (bf16 parity).
         if positions is not None:
@@ -144,6 +144,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len
+        self.slots = torch.arange(max_len, device=device)  # slot indices, for the fixed-shape step's mask
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (batch, n_kv_heads, seq, head_dim) at positions [start_pos, start_pos+seq) and
@@ -154,6 +155,16 @@ class KVCache:
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed-shape form of ``update`` for a compiled or graph-captured decode step: store k/v at
+        ``positions`` (a tensor, so no shape depends on it) and return every slot, written or not; the
+        caller masks the slots beyond the current position."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +191,15 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``key_mask`` (batch, start_pos+T) bool, False at padding (left-padded prompts of different
-        lengths in one batch): those keys are never attended to. None = every key is real."""
+        lengths in one batch): those keys are never attended to. None = every key is real.
+
+        A tensor ``start_pos`` (shape (1,)) is the fixed-shape decode step (one token): k/v are written at
+        that slot and the query reads the whole cache, ``key_mask`` (batch or 1, cache length) saying which
+        slots it sees, so no shape depends on the position."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
@@ -192,7 +207,10 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) views
 
-        if cache is not None:
+        if isinstance(start_pos, torch.Tensor):
+            k, v = cache.write(self.layer_idx, start_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
         if key_mask is not None:
@@ -205,8 +223,11 @@ class Attention(nn.Module):
             # the cache).
             mask = None if key_mask is None else key_mask[:, None, None, :]
             q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
-            with sdpa_kernel(DECODE_SDPA_BACKENDS) if q.device.type == "cuda" else nullcontext():
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if isinstance(start_pos, torch.Tensor):
+                y = _fixed_shape_decode_attention(q, k, v, mask)
+            else:
+                with sdpa_kernel(DECODE_SDPA_BACKENDS) if q.device.type == "cuda" else nullcontext():
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
 
         mask, causal = None, True
@@ -225,6 +246,20 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _fixed_shape_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One query position (q: batch, kv heads, group, head_dim) against every cache slot, ``mask`` (batch or
+    1, 1, 1, slots) saying which it sees, written out in fp32 as products and sums that the compiler fuses
+    into reductions over the slots. On an H200 (125M params, bf16, in a CUDA graph; ms per token at 256 /
+    2,048 slots): SDPA's masked kernels 0.66 / 1.80, as they walk one query's keys in sequence in one block
+    per head; two fp32 matmuls 0.67 / 1.19; two bf16 matmuls 0.59 / 0.82; this 0.55 / 0.71. Eager (uncompiled)
+    it materialises the products, a few MB: right, only slower."""
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.size(-1) ** -0.5  # (B, kv, group, slots)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (weights.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

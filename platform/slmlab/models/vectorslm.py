@@ -129,6 +129,7 @@ class VectorSLM(LanguageModel):
             generation=True,
             padded_generation=True,
             max_positions=cfg.max_seq_len,
+            fixed_shape_decode=cfg.moe is None,  # MoE dispatch sizes depend on routing: no fixed shapes
             hf_export="MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
         )
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -164,8 +165,36 @@ class VectorSLM(LanguageModel):
             dtype=dtype or p.dtype,
         )
 
+    @staticmethod
+    def _fixed_shape_step(input_ids, cache, start_pos, mask):
+        """The key mask and rotary positions of a decode step whose position is a tensor: every shape is
+        fixed (the query reads all cache slots, those after the position masked out), so the step compiles
+        once and replays as a CUDA graph (``generation.generate(..., compile_step=True)``)."""
+        if cache is None or input_ids.size(1) != 1 or start_pos.shape != (1,):
+            raise ValueError(
+                "a tensor start_pos is the fixed-shape decode step: expected one token, a cache and a position "
+                f"of shape (1,), found {input_ids.size(1)} tokens, cache={cache is not None}, "
+                f"position shape {tuple(start_pos.shape)}"
+            )
+        visible = (cache.slots <= start_pos)[None]  # (1, cache slots)
+        if mask is None:
+            return visible, start_pos.expand(input_ids.size(0), 1)
+        if mask.shape != (input_ids.size(0), cache.max_len):
+            raise ValueError(
+                f"attention_mask: the fixed-shape step expects shape {(input_ids.size(0), cache.max_len)} (batch, "
+                f"every cache slot), found {tuple(mask.shape)}"
+            )
+        mask = mask.bool()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).index_select(1, start_pos)  # as in the unpadded path
+        return mask & visible, positions
+
     def forward(
-        self, batch: Batch, *, cache: KVCache | None = None, start_pos: int = 0, logits_to_keep: int = 0
+        self,
+        batch: Batch,
+        *,
+        cache: KVCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """batch["input_ids"] (batch, seq) at positions [start_pos, start_pos+seq). With ``cache`` the keys/values
         are stored there and earlier positions are read from it. ``labels`` are aligned with the
@@ -178,7 +207,9 @@ class VectorSLM(LanguageModel):
         input_ids, labels = batch["input_ids"], batch.get("labels")
         T = input_ids.size(1)
         key_mask = positions = None
-        if (mask := batch.get("attention_mask")) is not None:
+        if isinstance(start_pos, torch.Tensor):
+            key_mask, positions = self._fixed_shape_step(input_ids, cache, start_pos, batch.get("attention_mask"))
+        elif (mask := batch.get("attention_mask")) is not None:
             if mask.shape != (input_ids.size(0), start_pos + T):
                 raise ValueError(
                     f"attention_mask: expected shape {(input_ids.size(0), start_pos + T)} (batch, start_pos + "

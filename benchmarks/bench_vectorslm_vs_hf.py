@@ -12,7 +12,8 @@ Same process, same torch, same thread count, one run. It first measures this mac
     (6 x matmul params + attention) per second over the measured 2048^3 peak, and over the peak of the
     model's own matmul shapes (the ceiling for that model on this machine);
   * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours with the compiled fixed-shape step
-    (``generate(compile_step=True)``: one CUDA graph per token on a GPU), ours INT8
+    (``generate(compile_step=True)``: one CUDA graph per token on a GPU), on CPU ours with the wide weights
+    stored (in, out) (``decode_layout``), ours INT8
     (``quantize_int8(dynamic_activations=True)``, fbgemm W8A8), HF ``generate`` with its default (dynamic)
     cache and with its own ``StaticCache``; each as a fraction of the bandwidth roofline (weight bytes + KV
     bytes read per token / measured bandwidth). INT8 is checked here by the share of greedy tokens it agrees
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import roofline  # noqa: E402
-from slmlab.generation import FixedShapeDecoder, generate  # noqa: E402
+from slmlab.generation import FixedShapeDecoder, decode_layout, generate  # noqa: E402
 from slmlab.hf_interop import export_hf  # noqa: E402
 from slmlab.models.vectorslm import VectorSLM, VectorSLMConfig  # noqa: E402
 from slmlab.quantize import quantize_int8  # noqa: E402
@@ -203,12 +204,14 @@ def main() -> None:
     hf = hf_copy(ours, big, device).to(dtype).eval()
     ours = ours.to(dtype).eval()
     ours_int8 = quantize_int8(ours, dynamic_activations=True)
+    ours_layout = decode_layout(ours)  # wide weights stored (in, out): the CPU's faster matrix-vector layout
     prompt = torch.randint(0, big.vocab_size, (1, 32), device=device)
     hf_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     dec = {
         "VectorSLM": lambda: generate(ours, prompt, new_tokens, temperature=0),
         "VectorSLM compiled": lambda: generate(ours, prompt, new_tokens, temperature=0, compile_step=True),
         "VectorSLM int8 W8A8": lambda: generate(ours_int8, prompt, new_tokens, temperature=0),
+        **({"VectorSLM (in,out)": lambda: generate(ours_layout, prompt, new_tokens, temperature=0)} if cpu else {}),
         "HF default cache": lambda: hf.generate(prompt, **hf_kw),
         "HF StaticCache": lambda: hf.generate(prompt, cache_implementation="static", **hf_kw),
     }
@@ -217,6 +220,8 @@ def main() -> None:
     first_s = time.perf_counter() - t0
     same = all(torch.equal(outs["VectorSLM"], outs[k]) for k in ("HF default cache", "HF StaticCache"))
     compiled_same = torch.equal(outs["VectorSLM"], outs["VectorSLM compiled"])
+    if cpu:
+        compiled_same = compiled_same and torch.equal(outs["VectorSLM"], outs["VectorSLM (in,out)"])
     int8_agree = (outs["VectorSLM int8 W8A8"] == outs["VectorSLM"]).float().mean().item()
     best = alternate(dec, device, rounds + 1)
     dtps = {k: new_tokens / w for k, (w, _) in best.items()}
@@ -229,9 +234,10 @@ def main() -> None:
     weights_read = {k: int8_bytes if "int8" in k else weight_bytes for k in dec}
     print(
         f"\nKV-cached greedy decode, batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of {rounds + 1} "
-        f"alternating runs; ours and both HF caches give identical tokens: {same}; our compiled step gives the "
-        f"eager tokens: {compiled_same}; int8 agrees on {int8_agree * 100:.0f}% of tokens (random weights: "
-        f"near-ties flip); the first call of every arm (compiling ours and HF's static step) took {first_s:.1f} s"
+        f"alternating runs; ours and both HF caches give identical tokens: {same}; our compiled step (and on CPU "
+        f"the (in,out) layout) give the eager tokens: {compiled_same}; int8 agrees on {int8_agree * 100:.0f}% of "
+        f"tokens (random weights: near-ties flip); the first call of every arm (compiling ours and HF's static "
+        f"step) took {first_s:.1f} s"
     )
     for k in dec:
         ceiling = roof.decode_tokens_per_s(weights_read[k], kv_bytes)
@@ -242,7 +248,7 @@ def main() -> None:
         if roof.fits_in_cache(weights_read[k] + kv_bytes):
             where += "; fits in the last-level cache: bound by per-token overhead, not DRAM"
         print(f"  {k:19s} {dtps[k]:8.1f} tokens/s  {1000 / dtps[k]:6.2f} ms/token   {where}")
-    for k in ("VectorSLM", "VectorSLM compiled", "VectorSLM int8 W8A8"):
+    for k in [k for k in dec if k.startswith("VectorSLM")]:
         for base in ("HF default cache", "HF StaticCache"):
             print(
                 f"  {k} / {base}: {dtps[k] / dtps[base]:.2f}x wall-clock"
@@ -285,6 +291,8 @@ def main() -> None:
 
     arms = {"VectorSLM": lambda c: ours_latency(ours, c), "VectorSLM compiled": compiled_latency,
             "VectorSLM int8 W8A8": lambda c: ours_latency(ours_int8, c), "HF default cache": hf_latency}
+    if cpu:
+        arms["VectorSLM (in,out)"] = lambda c: ours_latency(ours_layout, c)
     with torch.inference_mode():
         lat = {(name, c): fn(c) for c in (128, longest) for name, fn in arms.items()}
         for name, fn in arms.items():  # second look at the short context

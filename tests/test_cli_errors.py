@@ -221,6 +221,26 @@ def test_generate_with_a_prompt_longer_than_max_seq_len(model_folder):
     assert fits.exit_code == 0 and fits.stdout.startswith("the fox"), (fits.output, fits.exception)
 
 
+def test_generate_streams_the_tokens_of_the_saved_model(model_folder):
+    """The CLI decodes from decode_layout's copy (wide weights stored (in, out), faster on CPU): greedy, it
+    prints exactly what generate() gives with the model as loaded."""
+    import torch
+
+    from slmlab.data.tokenizer import END_TURN, EOS, load_tokenizer
+    from slmlab.generation import generate
+    from slmlab.train.checkpoint import load_model_dir
+
+    _, net = load_model_dir(model_folder)
+    tok = load_tokenizer(model_folder / "tokenizer.json")
+    ids = torch.tensor([tok.encode("the fox", add_special_tokens=False).ids])
+    stops = [tok.token_to_id(EOS), tok.token_to_id(END_TURN)]
+    new = generate(net, ids, 8, temperature=0, stop_token_ids=stops)[0, ids.size(1):].tolist()
+    want = "the fox" + tok.decode(new)  # a stop token, if any, decodes to nothing
+    out = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "8", "-t", "0")
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert out.stdout.rstrip("\n") == want
+
+
 def test_generate_int8_streams_from_the_quantised_model(model_folder):
     """--int8 decodes with int8 weights (fbgemm): the same prompt, a continuation of the asked length."""
     fp32 = invoke("generate", str(model_folder), "--prompt", "the fox", "-n", "6", "-t", "0")

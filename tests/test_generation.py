@@ -271,3 +271,23 @@ def test_fixed_shape_step_is_refused_where_shapes_cannot_be_fixed():
     with pytest.raises(ValueError, match="attention_mask: the fixed-shape step expects shape"):
         dense({"input_ids": torch.randint(0, V, (1, 1)), "attention_mask": torch.ones(1, 5)}, cache=cache,
               start_pos=torch.tensor([4]))
+
+
+@pytest.mark.parametrize("moe", [None, MoEConfig(num_experts=3, top_k=2)])
+def test_decode_layout_copy_decodes_the_same_tokens_and_leaves_the_model_alone(moe):
+    from slmlab.generation import decode_layout
+
+    model = model_for(moe).eval()
+    fast = decode_layout(model)
+    wide = [n for n, m in fast.named_modules() if type(m) is torch.nn.Linear and m.weight.size(0) > m.weight.size(1)]
+    assert "lm_head" in wide and "layers.0.attn.wqkv" in wide
+    for name, m in fast.named_modules():
+        if type(m) is torch.nn.Linear:  # wide ones stored (in, out): a transposed view; the rest untouched
+            assert m.weight.stride() == ((1, m.weight.size(0)) if name in wide else (m.weight.size(1), 1)), name
+    assert fast.lm_head.weight is fast.tok_emb.weight  # still tied
+    assert all(p.is_contiguous() for p in model.parameters())  # the original keeps its layout (it can be saved)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(fast({"input_ids": prompt}).logits, model({"input_ids": prompt}).logits,
+                                   atol=1e-5, rtol=0)
+    assert torch.equal(generate(fast, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))

@@ -191,6 +191,7 @@ def generate(
     import torch
 
     from slmlab.data.tokenizer import ASSISTANT, END_TURN, EOS, USER, load_tokenizer
+    from slmlab.generation import decode_layout
     from slmlab.generation import generate as generate_tokens
 
     folder, _, net = _load(model, run_dir)
@@ -198,6 +199,8 @@ def generate(
         from slmlab.quantize import quantize_int8
 
         net = quantize_int8(net, dynamic_activations=True, exclude=("router",))  # routing decisions stay exact
+    else:  # batch-1 decoding on CPU streams wide weights ~1.5x faster stored (in, out); the same tokens
+        net = decode_layout(net)
     if not net.capabilities.generation:
         _fail(f"{model}: expected a model that can generate, found {type(net).__name__} (no generation capability)")
     tok = load_tokenizer(folder / "tokenizer.json")

@@ -17,6 +17,7 @@ mask with no padding is dropped, so equal-length batches take the unmasked path 
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -151,6 +152,27 @@ def generate(
         return out[:, : T + n]
     finally:
         model.train(was_training)
+
+
+def decode_layout(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for CPU decoding, its wide ``nn.Linear`` weights stored the other way round.
+
+    Batch-1 decoding reads every weight once per token through matrix-vector products. On the 2-core
+    development machine (torch 2.13, fp32) a weight in ``nn.Linear``'s (out, in) layout that does not fit in
+    the cache streamed at ~9.5 GB/s for out > in (16384 x 512, 2816 x 512), but at 17-21 GB/s stored (in, out),
+    where the kernel accumulates whole rows of the input; for out <= in the (out, in) layout was the faster
+    (13.8 against 10.6 GB/s at 512 x 1408). So each Linear with out > in gets a weight of the same shape and
+    values that is the transpose of an (in, out) tensor: at 30.9M parameters, 64 -> 88 tokens/s with
+    identical greedy tokens. A tied embedding shares the new storage (a row lookup reads it strided, once per
+    token). For inference: such weights are not contiguous, so train and save ``model``, not the copy.
+    """
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for module in out.modules():
+            w = getattr(module, "weight", None)
+            if type(module) is nn.Linear and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()  # the Parameter stays (ties and optimiser references hold)
+    return out
 
 
 class FixedShapeDecoder:

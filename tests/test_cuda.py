@@ -127,3 +127,9 @@ def test_compiled_decode_step_is_one_cuda_graph_replay_with_the_eager_tokens():
     prompts = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13]]
     assert generate_ragged(model, prompts, max_new_tokens=8, temperature=0, compile_step=True) == \
         generate_ragged(model, prompts, max_new_tokens=8, temperature=0)
+    with torch.no_grad():  # weights moved to new memory (new values too): the old graph would read freed memory
+        for p in model.parameters():
+            p.data = p.data * 1.5
+    assert torch.equal(generate(model, prompt, 12, temperature=0, compile_step=True),
+                       generate(model, prompt, 12, temperature=0))
+    assert decoder._graph["graph"] is not graph

@@ -200,7 +200,7 @@ class FixedShapeDecoder:
             )
         self.model = model
         self._step = torch.compile(self._forward, fullgraph=True, dynamic=False)
-        self._cache = self._graph = None
+        self._cache = self._graph = self._weights = None
 
     @classmethod
     def of(cls, model: nn.Module) -> "FixedShapeDecoder":
@@ -211,6 +211,11 @@ class FixedShapeDecoder:
         return decoder
 
     def cache(self, batch_size: int, length: int, device: torch.device, dtype: torch.dtype):
+        # A graph reads the weights where they were at capture: if any has moved since (.to(), new Parameter
+        # objects, .data reassigned), capture again rather than replay stale addresses.
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != self._weights:
+            self._graph, self._weights = None, weights
         c = self._cache
         if c is None or (c.batch_size, c.k.dtype, c.k.device) != (batch_size, dtype, device) or c.max_len < length:
             bucketed = -(-length // self.LENGTH_BUCKET) * self.LENGTH_BUCKET

@@ -136,12 +136,14 @@ def measure(
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         threads=torch.get_num_threads(),
-        peak_flops=max(matmul_flops(peak_n, peak_n, peak_n, device, dtype) for _ in range(2)),
+        # best of three half-second tries: a busy neighbour only ever lowers a try, and a low peak would
+        # inflate every MFU printed against it (one 0.3 s try read 148 GFLOP/s where the same machine gave 188)
+        peak_flops=max(matmul_flops(peak_n, peak_n, peak_n, device, dtype, seconds=0.5) for _ in range(3)),
         bandwidth=read_bandwidth(device, buffer),
         caches=caches,
     )
     for s in dict.fromkeys(shapes):
-        roof.shape_flops[s] = matmul_flops(*s, device, dtype)
+        roof.shape_flops[s] = max(matmul_flops(*s, device, dtype) for _ in range(2))
     return roof
 
 

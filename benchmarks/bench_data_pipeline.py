@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--actors", default="1,2")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=512, help="documents per tokenizer call (data.tokenize_batch_size)")
+    ap.add_argument("--batch", type=int, default=2048, help="documents per tokenizer call (data.tokenize_batch_size)")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

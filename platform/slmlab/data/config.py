@@ -102,7 +102,9 @@ class DataConfig(Strict):
     partition: PartitionConfig | None = None  # default: one undivided dataset
     seq_len: int = Field(256, ge=8)  # tokens the model sees per example; blocks hold seq_len + 1 (targets shift)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)  # documents held out (split by document, so no block straddles)
-    tokenize_batch_size: int = Field(512, ge=1)  # documents per tokenizer call in the Ray Data actors
+    # documents per tokenizer call in the Ray Data actors; blocks hold 4 calls' worth. Ray's cost is per block:
+    # at 64 MB on 2 CPUs, 2,048 built shards 1.16x faster than 512 (best of 3 interleaved; 1.20x by the median)
+    tokenize_batch_size: int = Field(2048, ge=1)
     # documents per packing batch; each (split, partition) pads at most one block per batch
     pack_batch_size: int = Field(8192, ge=1)
     tokenize_concurrency: int = Field(2, ge=1)  # most tokenizer actors; each takes half a CPU so reads are not starved

@@ -13,6 +13,10 @@ token, so each prompt gets what it would alone (greedy: the same tokens; logits 
 That needs a family whose ``capabilities.padded_generation`` is set (VectorSLM, dense and MoE); the
 others (recurrent state, image prefix, swapped-in attention modules) refuse padding before any work. A
 mask with no padding is dropped, so equal-length batches take the unmasked path on every family.
+
+Two speed options that keep the tokens: ``decode_layout(model)`` (a copy whose wide weights suit the CPU's
+matrix-vector kernels; what ``slmlab generate`` decodes with) and ``generate(..., compile_step=True)`` (one
+compiled fixed-shape step, a CUDA graph per token on a GPU; see ``FixedShapeDecoder``).
 """
 
 from __future__ import annotations

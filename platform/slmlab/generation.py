@@ -22,6 +22,7 @@ compiled fixed-shape step, a CUDA graph per token on a GPU; see ``FixedShapeDeco
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -191,7 +192,8 @@ class FixedShapeDecoder:
     the cache is kept and reused across calls with the same batch size, dtype and device, its length rounded
     up to ``LENGTH_BUCKET`` (a longer request builds a longer one): successive ``generate`` calls reuse the
     compiled step and its graph. Slots past the current position are masked out, so what an earlier call left
-    there is never read. Held on the model (``of``), not in its state dict.
+    there is never read. ``of(model)`` finds a model's decoder in a weak table beside it, not on it: the model
+    still pickles and copies as before, and a decoder goes when its model does.
     """
 
     LENGTH_BUCKET = 256
@@ -202,17 +204,23 @@ class FixedShapeDecoder:
                 f"{type(model).__name__} has no fixed-shape decode step (capabilities.fixed_shape_decode): "
                 f"generate with compile_step=False"
             )
-        self.model = model
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._model = weakref.ref(model)
+        self._step = torch.compile(_fixed_shape_step, fullgraph=True, dynamic=False)
         self._cache = self._graph = self._weights = None
 
     @classmethod
     def of(cls, model: nn.Module) -> "FixedShapeDecoder":
-        decoder = model.__dict__.get("_fixed_shape_decoder")
+        decoder = _DECODERS.get(model)
         if decoder is None:
-            decoder = cls(model)
-            model.__dict__["_fixed_shape_decoder"] = decoder  # not a submodule: not in the state dict
+            decoder = _DECODERS[model] = cls(model)
         return decoder
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("FixedShapeDecoder: its model no longer exists")
+        return model
 
     def cache(self, batch_size: int, length: int, device: torch.device, dtype: torch.dtype):
         # A graph reads the weights where they were at capture: if any has moved since (.to(), new Parameter
@@ -228,14 +236,10 @@ class FixedShapeDecoder:
             self._cache, self._graph = c, None
         return c
 
-    def _forward(self, tokens, cache, pos, mask):
-        batch = {"input_ids": tokens} if mask is None else {"input_ids": tokens, "attention_mask": mask}
-        return self.model(batch, cache=cache, start_pos=pos, logits_to_keep=1).logits[:, -1]
-
     def step(self, tokens: torch.Tensor, cache, position: int, mask: torch.Tensor | None) -> torch.Tensor:
         """The logits after ``tokens`` (batch, 1) at ``position``; ``mask`` (batch, cache slots) or None."""
         if tokens.device.type != "cuda":
-            return self._step(tokens, cache, torch.tensor([position], device=tokens.device), mask)
+            return self._step(self.model, tokens, cache, torch.tensor([position], device=tokens.device), mask)
         g = self._graph
         if g is None or g["cache"] is not cache or (g["mask"] is None) != (mask is None):
             g = self._graph = self._capture(tokens, cache, mask)
@@ -252,16 +256,26 @@ class FixedShapeDecoder:
         # writing it itself.
         g = {"cache": cache, "tokens": tokens.clone(), "mask": None if mask is None else mask.clone()}
         g["pos"] = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=tokens.device)
+        model = self.model
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._step(g["tokens"], cache, g["pos"], g["mask"])
+                self._step(model, g["tokens"], cache, g["pos"], g["mask"])
         torch.cuda.current_stream().wait_stream(side)
         g["graph"] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g["graph"]):
-            g["logits"] = self._step(g["tokens"], cache, g["pos"], g["mask"])
+            g["logits"] = self._step(model, g["tokens"], cache, g["pos"], g["mask"])
         return g
+
+
+def _fixed_shape_step(model, tokens, cache, pos, mask):
+    """What FixedShapeDecoder compiles: one token's logits, the model an argument (the decoder holds it weakly)."""
+    batch = {"input_ids": tokens} if mask is None else {"input_ids": tokens, "attention_mask": mask}
+    return model(batch, cache=cache, start_pos=pos, logits_to_keep=1).logits[:, -1]
+
+
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, FixedShapeDecoder]" = weakref.WeakKeyDictionary()
 
 
 def _padding_mask(model: nn.Module, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:

@@ -207,11 +207,9 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim) views
 
-        if isinstance(start_pos, torch.Tensor):
-            k, v = cache.write(self.layer_idx, start_pos, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        elif cache is not None:
-            k, v = cache.update(self.layer_idx, start_pos, k, v)
+        if cache is not None:  # a tensor position writes one slot and reads them all (the fixed-shape step)
+            store = cache.write if isinstance(start_pos, torch.Tensor) else cache.update
+            k, v = store(self.layer_idx, start_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
         if key_mask is not None:
             key_mask = key_mask[:, -k.size(2) :]  # the keys held: the cache's history, or these T alone

@@ -1,5 +1,6 @@
 """AleMoEVLM: the model (cache, prefix, export, routing, metrics), its image-text data and generation."""
 import json
+import re
 
 import pytest
 import torch
@@ -199,6 +200,12 @@ def test_scenes_are_deterministic_and_answers_match_the_pixels():
         half = SCENE_SIZE / 2
         assert qa[f"is the {name} object on the left or the right?"] == ("left" if xs.mean() < half else "right")
         assert qa[f"is the {name} object at the top or the bottom?"] == ("top" if ys.mean() < half else "bottom")
+    # grounded answers name the object first; the same scene, the same answers after the name
+    grounded = shape_records(0, 1, 1, grounded=True)[0]["qa"]
+    assert [q for q, _, _ in grounded] == list(qa)
+    for q, a, t in grounded:
+        named = re.search(r"the (\w+) object", q).group(1)  # "red", or "leftmost" for the colour questions
+        assert a == f"{named} {qa[q]}", (q, a)
 
 
 def test_digits_are_the_real_sklearn_images_held_out_by_image():
@@ -283,7 +290,7 @@ def test_rows_put_the_loss_on_answers_only(vlm_tokenizer, tmp_path):
     for ids, mask, used in rows:
         assert ids.shape == mask.shape == (41,) and mask[0] == 0
         answers.append(tok.decode(ids[mask == 1].tolist(), skip_special_tokens=False))
-    assert answers == ["".join(f"{a}<|end|>" for _, a in used) for _, _, used in rows]
+    assert answers == ["".join(f" {a}<|end|>" for _, a in used) for _, _, used in rows]  # after a space
     long = list(enc._rows([("why? " * 40, "because")]))
     assert len(long) == 1 and enc.truncated == 1 and np.count_nonzero(long[0][1]) == 0  # cut before its answer
 
@@ -471,12 +478,12 @@ def test_tokenizer_texts_are_the_training_images_lines_only():
     shapes = {"kind": "shapes", "n_train": 20, "n_val": 5}
     data = ImageDataConfig.model_validate({"task": "qa", "sources": [shapes, {**shapes, "repeat": 3}]})
     lines = tokenizer_texts([data, data], seed=3)
-    recs = shape_records(3, 20, 5)
-    train_captions = {r["caption"] for r in recs if r["split"] == "train"}
-    held_out = {r["caption"] for r in recs if r["split"] == "val"} - train_captions
+    recs = shape_records(3, 20, 5, grounded=True)  # the source's default
+    train_captions = {" " + r["caption"] for r in recs if r["split"] == "train"}  # as the decoder sees replies
+    held_out = {" " + r["caption"] for r in recs if r["split"] == "val"} - train_captions
     assert len(lines) == len(set(lines))  # distinct: repeats and a second stage add nothing
     assert train_captions <= set(lines) and not held_out & set(lines)
-    assert {"what shape is the red object?", "circle", "bottom"} <= set(lines)
+    assert {"what shape is the red object?", " red circle", " blue bottom"} <= set(lines)
 
     raw = {"name": "t", "run_dir": "/tmp/unused", "data": {"sources": [{"kind": "embedded", "max_documents": 5}]},
            "model": {"family": "alemoe_vlm"},

@@ -175,6 +175,7 @@ def scene_questions(objects: list[dict], grounded: bool = False) -> dict[str, li
 
     def ask(qtype: str, question: str, named: str, answer: str) -> None:
         qs[qtype].append((question, f"{named} {answer}" if grounded else answer))
+
     for o in objects:
         others = sorted((p for p in objects if p is not o), key=lambda p: math.dist((o["x"], o["y"]), (p["x"], p["y"])))
         d = [math.dist((o["x"], o["y"]), (p["x"], p["y"])) for p in others]
@@ -326,10 +327,10 @@ def tokenizer_texts(data_configs: list[ImageDataConfig], seed: int) -> list[str]
             for r in records:
                 if r["split"] != "train":
                     continue
+                questions = [q for q, _, _ in r["qa"]]
                 replies = [reply(t) for t in [r["caption"]] + [a for _, a, _ in r["qa"]] if t]
-                for text in [CAPTION_PROMPT] + [q for q, _, _ in r["qa"]] + replies:
-                    if text:
-                        lines.setdefault(text)
+                for text in [CAPTION_PROMPT, *filter(None, questions), *replies]:
+                    lines.setdefault(text)
     return list(lines)
 
 

@@ -247,6 +247,35 @@ def test_question_types_keep_only_those_turns_in_training_and_eval(tmp_path):
         ImageSourceConfig(kind="shapes", question_types=["shape", "colours"])
 
 
+def test_question_weights_tilt_the_training_draw_and_nothing_else():
+    import random
+
+    from pydantic import ValidationError
+
+    from slmlab.data.images import ImageSourceConfig, _read_records, _rows_of
+
+    recs, _ = _read_records(ImageSourceConfig(kind="shapes", n_train=40, n_val=2), 0, seed=0, val_fraction=0.2)
+    qa = [(f"{q} #{i}", a, t) for i, (q, a, t) in enumerate(turn for r in recs for turn in r["qa"])]  # distinct
+    types = {q: t for q, _, t in qa}
+
+    def share(weights, n=400):
+        rows = _rows_of(qa, None, "qa", random.Random(0), copies=n, per_copy=8, weights=weights)
+        drawn = [types[q] for turns in rows for q, _ in turns]
+        assert all(len(turns) == 8 and len({q for q, _ in turns}) == 8 for turns in rows)  # no repeats in a copy
+        return drawn.count("colour") / len(drawn)
+
+    base = sum(t == "colour" for _, _, t in qa) / len(qa)
+    assert abs(share({}) - base) < 0.03  # uniform: each type at its share of the questions
+    assert share({"colour": 5.0}) > 2.5 * base
+    # no weights: exactly the draw of before the field existed (earlier pipelines train on the same rows)
+    rng = random.Random(3)
+    assert _rows_of(qa, None, "qa", random.Random(3), 1, 8) == [[(q, a) for q, a, _ in rng.sample(qa, 8)]]
+    with pytest.raises(ValidationError, match=r"question_weights: \['colours'\] are not shapes question types"):
+        ImageSourceConfig(kind="shapes", question_weights={"colours": 2.0})
+    with pytest.raises(ValidationError):
+        ImageSourceConfig(kind="shapes", question_weights={"colour": 0.0})
+
+
 def test_llava_conversations_and_qa_records_normalise():
     from slmlab.data.images import _turns_of
 

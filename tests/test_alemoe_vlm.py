@@ -324,6 +324,42 @@ def test_rows_put_the_loss_on_answers_only(vlm_tokenizer, tmp_path):
     assert len(long) == 1 and enc.truncated == 1 and np.count_nonzero(long[0][1]) == 0  # cut before its answer
 
 
+def test_a_source_task_adds_captions_to_that_source_only(vlm_tokenizer, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from slmlab.data.images import (
+        CAPTION_PROMPT,
+        EncodeAndWrite,
+        ImageDataConfig,
+        digit_records,
+        read_eval,
+        shape_records,
+    )
+    from slmlab.data.tokenizer import load_tokenizer
+
+    digit = next(r for r in digit_records(0, max_images=50) if r["split"] == "train")
+    scene = shape_records(0, 1, 1)  # one training scene, one held-out
+    cfg = ImageDataConfig(task="qa", seq_len=160, sources=[{"kind": "digits"}, {"kind": "shapes", "task": "both"}])
+    records = [(digit, ""), (scene[0], "both"), (scene[1], "both")]
+    batch = {"row": np.arange(3), "seed": np.zeros(3, int), "image_id": np.array([r["image_id"] for r, _ in records]),
+             "split": np.array([r["split"] for r, _ in records]), "image_bytes": [r["image"] for r, _ in records],
+             "image_path": np.array(["", "", ""]), "caption": np.array([r["caption"] or "" for r, _ in records]),
+             "qa": np.array([json.dumps(r["qa"]) for r, _ in records]), "repeat": np.ones(3, int),
+             "shift": np.zeros(3, int), "per_copy": np.array([1, 2, 2]), "weights": np.array(["{}"] * 3),
+             "task": np.array([t for _, t in records])}
+    EncodeAndWrite(str(tmp_path), str(vlm_tokenizer), cfg.model_dump(mode="json"))(batch)
+    tok = load_tokenizer(vlm_tokenizer)
+    table = pq.read_table(str(tmp_path / "train")).to_pydict()
+    texts = [tok.decode([int(i) for i in ids], skip_special_tokens=False) for ids in table["input_ids"]]
+    scene_text, digit_text = "".join(t for t in texts if "digit" not in t), [t for t in texts if "digit" in t]
+    assert CAPTION_PROMPT in scene_text and scene[0]["caption"] in scene_text  # the scene: caption + 2 questions
+    assert scene_text.count("?") == 2
+    assert digit_text and CAPTION_PROMPT not in "".join(digit_text)  # the digit: its question, no caption
+    held_out = read_eval(tmp_path)
+    assert "caption" in held_out["qtype"] and set(held_out["image_id"]) == {scene[1]["image_id"]}
+
+
 def _bad_image_folder(root):
     import io
     import json

@@ -67,6 +67,9 @@ class ImageSourceConfig(StrictConfig):
     n_train: int = Field(4000, ge=1)  # shapes: training scenes
     n_val: int = Field(300, ge=1)  # shapes: held-out scenes
     questions_per_image: int = Field(8, ge=1)  # questions drawn (without replacement) per training copy of an image
+    # this source's texts, when not the data's `task`: captions kept beside one source's questions (LLaVA's mix)
+    # without turning another source's questions into captions too
+    task: Literal["caption", "qa", "both"] | None = None
     # relative chance of each question type in that draw (types not named: 1), for a type the others crowd out of
     # a uniform draw: leftmost/rightmost colour questions are <= 4 of a scene's ~34. (Fast loop: colour drawn 3x
     # as often reached 46.6% where an even mix stayed at chance; in the pipeline, 4x did not lift it: README)
@@ -461,7 +464,8 @@ class EncodeAndWrite:
             per_copy, shift = int(batch["per_copy"][i]) or None, int(batch["shift"][i]) if split == "train" else 0
             stats["images"][split] += 1
             weights = json.loads(batch["weights"][i]) if split == "train" else None
-            for copy, turns in enumerate(_rows_of(qa, batch["caption"][i] or None, cfg.task, rng, copies, per_copy,
+            task = batch["task"][i] or cfg.task
+            for copy, turns in enumerate(_rows_of(qa, batch["caption"][i] or None, task, rng, copies, per_copy,
                                                   weights)):
                 moved = _shifted(pix, rng.randint(-shift, shift), rng.randint(-shift, shift)) if shift and copy else pix
                 for ids, mask, used in self._rows(turns):
@@ -477,7 +481,7 @@ class EncodeAndWrite:
                 by_type: dict[str, list] = {}
                 for q, a, t in qa:
                     by_type.setdefault(t, []).append((q, a))
-                if cfg.task in ("caption", "both") and batch["caption"][i]:
+                if task in ("caption", "both") and batch["caption"][i]:
                     by_type["caption"] = [(CAPTION_PROMPT, batch["caption"][i])]
                 for t, pairs in sorted(by_type.items()):
                     for q, a in rng.sample(pairs, min(cfg.eval_per_image, len(pairs))):
@@ -531,8 +535,8 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
             recs, bad = _read_records(src, i, seed, cfg.val_fraction)
             labels.append(src.kind if not src.path else f"{src.kind}:{src.path}")
             for r in recs:
-                r.update(source=i, repeat=src.repeat, shift=src.shift,
-                         per_copy=src.questions_per_image, weights=json.dumps(src.question_weights, sort_keys=True))
+                r.update(source=i, repeat=src.repeat, shift=src.shift, per_copy=src.questions_per_image,
+                         weights=json.dumps(src.question_weights, sort_keys=True), task=src.task or "")
             records += recs
             bad_records += bad
         random.Random(seed).shuffle(records)  # sources interleave in the rows; same seed, same order
@@ -541,10 +545,11 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
                   "image_bytes": r["image"] if isinstance(r["image"], bytes) else b"",
                   "image_path": r["image"] if isinstance(r["image"], str) else "",
                   "caption": r["caption"] or "", "qa": json.dumps(r["qa"]), "repeat": r["repeat"],
-                  "shift": r["shift"], "per_copy": r["per_copy"], "weights": r["weights"]}
+                  "shift": r["shift"], "per_copy": r["per_copy"], "weights": r["weights"], "task": r["task"]}
                  for j, r in enumerate(records)]
         progress(f"images: decoding {len(items):,} images from {len(cfg.sources)} source(s) on Ray Data "
-                 f"({cfg.image_size}x{cfg.image_size}, task {cfg.task})")
+                 f"({cfg.image_size}x{cfg.image_size}, task {cfg.task}"
+                 + "".join(f"; {labels[i]}: {src.task}" for i, src in enumerate(cfg.sources) if src.task) + ")")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         if (tokenizer_path.parent / "tokenizer_config.json").exists():
             shutil.copyfile(tokenizer_path.parent / "tokenizer_config.json", tmp / "tokenizer_config.json")

@@ -340,14 +340,13 @@ def test_a_source_task_adds_captions_to_that_source_only(vlm_tokenizer, tmp_path
 
     digit = next(r for r in digit_records(0, max_images=50) if r["split"] == "train")
     scene = shape_records(0, 1, 1)  # one training scene, one held-out
-    cfg = ImageDataConfig(task="qa", seq_len=160, sources=[{"kind": "digits"}, {"kind": "shapes", "task": "both"}])
-    records = [(digit, ""), (scene[0], "both"), (scene[1], "both")]
+    scenes = {"kind": "shapes", "task": "both", "questions_per_image": 2}
+    cfg = ImageDataConfig(task="qa", seq_len=160, sources=[{"kind": "digits"}, scenes])
+    records = [(digit, 0), (scene[0], 1), (scene[1], 1)]  # (record, its source)
     batch = {"row": np.arange(3), "seed": np.zeros(3, int), "image_id": np.array([r["image_id"] for r, _ in records]),
              "split": np.array([r["split"] for r, _ in records]), "image_bytes": [r["image"] for r, _ in records],
              "image_path": np.array(["", "", ""]), "caption": np.array([r["caption"] or "" for r, _ in records]),
-             "qa": np.array([json.dumps(r["qa"]) for r, _ in records]), "repeat": np.ones(3, int),
-             "shift": np.zeros(3, int), "per_copy": np.array([1, 2, 2]), "weights": np.array(["{}"] * 3),
-             "task": np.array([t for _, t in records])}
+             "qa": np.array([json.dumps(r["qa"]) for r, _ in records]), "source": np.array([i for _, i in records])}
     EncodeAndWrite(str(tmp_path), str(vlm_tokenizer), cfg.model_dump(mode="json"))(batch)
     tok = load_tokenizer(vlm_tokenizer)
     table = pq.read_table(str(tmp_path / "train")).to_pydict()

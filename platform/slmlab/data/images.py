@@ -460,13 +460,13 @@ class EncodeAndWrite:
                 continue
             qa = json.loads(batch["qa"][i])
             rng = random.Random(f"{batch['seed'][i]}/{name}")
-            copies = int(batch["repeat"][i]) if split == "train" else 1
-            per_copy, shift = int(batch["per_copy"][i]) or None, int(batch["shift"][i]) if split == "train" else 0
+            src = cfg.sources[int(batch["source"][i])]  # its settings: repeat, shift, questions, weights, task
+            train = split == "train"
+            copies, shift = (src.repeat, src.shift) if train else (1, 0)
             stats["images"][split] += 1
-            weights = json.loads(batch["weights"][i]) if split == "train" else None
-            task = batch["task"][i] or cfg.task
-            for copy, turns in enumerate(_rows_of(qa, batch["caption"][i] or None, task, rng, copies, per_copy,
-                                                  weights)):
+            task = src.task or cfg.task
+            for copy, turns in enumerate(_rows_of(qa, batch["caption"][i] or None, task, rng, copies,
+                                                  src.questions_per_image, src.question_weights if train else None)):
                 moved = _shifted(pix, rng.randint(-shift, shift), rng.randint(-shift, shift)) if shift and copy else pix
                 for ids, mask, used in self._rows(turns):
                     r = rows[split]
@@ -535,8 +535,7 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
             recs, bad = _read_records(src, i, seed, cfg.val_fraction)
             labels.append(src.kind if not src.path else f"{src.kind}:{src.path}")
             for r in recs:
-                r.update(source=i, repeat=src.repeat, shift=src.shift, per_copy=src.questions_per_image,
-                         weights=json.dumps(src.question_weights, sort_keys=True), task=src.task or "")
+                r["source"] = i
             records += recs
             bad_records += bad
         random.Random(seed).shuffle(records)  # sources interleave in the rows; same seed, same order
@@ -544,8 +543,7 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
                   # bytes and paths in separate columns: one Arrow type each
                   "image_bytes": r["image"] if isinstance(r["image"], bytes) else b"",
                   "image_path": r["image"] if isinstance(r["image"], str) else "",
-                  "caption": r["caption"] or "", "qa": json.dumps(r["qa"]), "repeat": r["repeat"],
-                  "shift": r["shift"], "per_copy": r["per_copy"], "weights": r["weights"], "task": r["task"]}
+                  "caption": r["caption"] or "", "qa": json.dumps(r["qa"]), "source": r["source"]}
                  for j, r in enumerate(records)]
         progress(f"images: decoding {len(items):,} images from {len(cfg.sources)} source(s) on Ray Data "
                  f"({cfg.image_size}x{cfg.image_size}, task {cfg.task}"

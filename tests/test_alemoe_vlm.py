@@ -207,6 +207,14 @@ def test_scenes_are_deterministic_and_answers_match_the_pixels():
         named = re.search(r"the (\w+) object", q).group(1)  # "red", or "leftmost" for the colour questions
         assert a == f"{named} {qa[q]}", (q, a)
 
+    # caption_extremes: the caption also names what the colour questions ask, from the same scene; off by default
+    plain, extended = shape_records(0, 20, 1)[:20], shape_records(0, 20, 1, grounded=True, extremes=True)[:20]
+    for p, e in zip(plain, extended):
+        colours = [a for _, a, t in e["qa"] if t == "colour"]  # grounded: "leftmost grey"
+        assert e["image"] == p["image"] and e["caption"] == p["caption"][:-1] + "".join(f"; {', '.join(colours)}"
+                                                                                       for _ in colours[:1]) + "."
+    assert any(r["caption"].count(",") == 3 for r in extended)  # most scenes name all four
+
 
 def test_digits_are_the_real_sklearn_images_held_out_by_image():
     from sklearn.datasets import load_digits
@@ -306,7 +314,7 @@ def test_rows_put_the_loss_on_answers_only(vlm_tokenizer, tmp_path):
     from slmlab.data.images import EncodeAndWrite, ImageDataConfig
     from slmlab.data.tokenizer import load_tokenizer
 
-    cfg = ImageDataConfig(sources=[{"kind": "shapes"}], seq_len=40, turns_per_row=8)
+    cfg = ImageDataConfig(sources=[{"kind": "shapes"}], seq_len=40, turns_per_row=8, image_size=32, channels=3)
     enc = EncodeAndWrite(str(tmp_path), str(vlm_tokenizer), cfg.model_dump())
     enc.truncated = 0
     turns = [("what shape is the red object?", "circle"), ("is the red object on the left or the right?", "left"),
@@ -341,7 +349,7 @@ def test_a_source_task_adds_captions_to_that_source_only(vlm_tokenizer, tmp_path
     digit = next(r for r in digit_records(0, max_images=50) if r["split"] == "train")
     scene = shape_records(0, 1, 1)  # one training scene, one held-out
     scenes = {"kind": "shapes", "task": "both", "questions_per_image": 2}
-    cfg = ImageDataConfig(task="qa", seq_len=160, sources=[{"kind": "digits"}, scenes])
+    cfg = ImageDataConfig(task="qa", seq_len=160, sources=[{"kind": "digits"}, scenes], image_size=32, channels=3)
     records = [(digit, 0), (scene[0], 1), (scene[1], 1)]  # (record, its source)
     batch = {"row": np.arange(3), "seed": np.zeros(3, int), "image_id": np.array([r["image_id"] for r, _ in records]),
              "split": np.array([r["split"] for r, _ in records]), "image_bytes": [r["image"] for r, _ in records],
@@ -392,7 +400,7 @@ def test_build_reports_bad_images_by_name_and_goes_on(ray_local, vlm_tokenizer, 
 
     folder = _bad_image_folder(tmp_path / "imgs")
     cfg = ImageDataConfig(sources=[{"kind": "folder", "path": str(folder)},
-                                   {"kind": "shapes", "n_train": 6, "n_val": 2}], image_size=16,
+                                   {"kind": "shapes", "n_train": 6, "n_val": 2}], image_size=16, channels=3,
                           seq_len=48, task="both")
     lines: list[str] = []
     shards = build_image_shards(cfg, tmp_path / "runs", vlm_tokenizer, seed=0, progress=lines.append)
@@ -489,8 +497,9 @@ def test_pipeline_trains_registers_and_evaluates(ray_local, tmp_path):
                                                                "sources": [digits, shapes]}},
             {"kind": "vlm_train", "name": "qa", "init_from": "captions", "register_as": "vlm-tiny",
              # the scenes keep their captions beside their questions (a source's own task); the digits do not
-             "data": {"task": "qa", "image_size": 16, "seq_len": 48, "sources": [{**digits, "repeat": 2, "shift": 1},
-                                                                                 {**shapes, "task": "both"}]},
+             # no image_size here: the stage takes the model's (16)
+             "data": {"task": "qa", "seq_len": 48, "sources": [{**digits, "repeat": 2, "shift": 1},
+                                                               {**shapes, "task": "both"}]},
              # lr_scale: the ViT blocks at a tenth of the lr, through DeepSpeed's engine and the LR scheduler
              "train": {"max_steps": 4, "trainable": ["vit.", "projector.", "decoder."],
                        "lr_scale": {"vit.blocks": 0.1}}},
@@ -562,3 +571,23 @@ def test_tokenizer_texts_are_the_training_images_lines_only():
     keys = {cache_key(c, fingerprints=[]) for c in (with_images, other_images, without)}
     assert len(keys) == 3  # the tokenizer's image text is part of what the data cache is
     assert cache_key(without, fingerprints=[]) == cache_key(text_only, fingerprints=[])  # old caches stay valid
+
+
+def test_a_stage_takes_the_models_image_size_and_rejects_another():
+    from types import SimpleNamespace
+
+    from slmlab.config import validate_pipeline
+    from slmlab.stages import StageFailed
+    from slmlab.stages.vlm import _run_config
+
+    raw = {"name": "t", "run_dir": "/tmp/unused", "data": {"sources": [{"kind": "embedded", "max_documents": 5}]},
+           "model": {"family": "alemoe_vlm", "image_size": 64, "patch_size": 8},
+           "stages": [{"kind": "vlm_train", "name": "qa", "data": {"sources": [{"kind": "shapes"}]}}]}
+    cfg = validate_pipeline(raw, "t.yaml")
+    stage = cfg.stage_list()[0]
+    assert stage.data.image_size is None
+    assert _run_config(stage, SimpleNamespace(cfg=cfg), 300).model.image_size == 64
+    raw["stages"][0]["data"]["image_size"] = 32
+    cfg = validate_pipeline(raw, "t.yaml")
+    with pytest.raises(StageFailed, match=r"stages\.qa\.data\.image_size: expected model\.image_size=64, found 32"):
+        _run_config(cfg.stage_list()[0], SimpleNamespace(cfg=cfg), 300)

@@ -82,6 +82,10 @@ class ImageSourceConfig(StrictConfig):
     # answer position, two hops: 56.3% at step 400 where the grounded answer reached 91.8% (README: how
     # AleMoEVLM learnt to bind a colour to its object). Exact match scores the whole answer, the name included
     grounded_answers: bool = True
+    # shapes: each caption also names the leftmost, rightmost, topmost and bottommost object's colour
+    # ("...; leftmost grey, rightmost red, topmost blue, bottommost green."): the colour questions' arg-min, densely
+    # supervised while the ViT trains at the full lr in the captions stage, as the per-object shapes are
+    caption_extremes: bool = False
 
     @model_validator(mode="after")
     def _path(self) -> "ImageSourceConfig":
@@ -100,8 +104,9 @@ class ImageSourceConfig(StrictConfig):
 class ImageDataConfig(StrictConfig):
     sources: list[ImageSourceConfig] = Field(min_length=1)  # all are mixed (shuffled by seed) into one set
     task: Literal["caption", "qa", "both"] = "qa"  # which texts make the training rows: captions, Q/A, or both
-    image_size: int = Field(32, ge=4)  # side every image is resized to (must equal model.image_size)
-    channels: Literal[1, 3] = 3  # 3: grey images are replicated to RGB (must equal model.channels)
+    image_size: int | None = Field(None, ge=4)  # side every image is resized to; None: model.image_size (a stage
+    # sets it only to state it: it must equal the model's)
+    channels: Literal[1, 3] | None = None  # 3: grey images are replicated to RGB; None: model.channels
     seq_len: int = Field(96, ge=8)  # text tokens per row; turns are added to a row while they fit
     turns_per_row: int = Field(8, ge=1)  # most question/answer turns that share one image row
     val_fraction: float = Field(0.2, gt=0, lt=1)  # held-out share of images for records without a split field
@@ -199,20 +204,34 @@ def scene_questions(objects: list[dict], grounded: bool = False) -> dict[str, li
             ask("furthest", f"what colour is the object furthest from {name}?", colour, others[-1]["colour"])
         same = sum(p["shape"] == o["shape"] for p in objects)
         ask("count", f"how many objects have the shape of {name}?", colour, str(same))
-    for word, key, sign in (("leftmost", "x", 1), ("rightmost", "x", -1), ("topmost", "y", 1), ("bottommost", "y", -1)):
-        first, second = sorted(objects, key=lambda o: sign * o[key])[:2]
-        if abs(first[key] - second[key]) >= MARGIN:
-            ask("colour", f"what colour is the {word} object?", word, first["colour"])
+    for word, colour in scene_extremes(objects):
+        ask("colour", f"what colour is the {word} object?", word, colour)
     return qs
 
 
-def scene_caption(objects: list[dict]) -> str:
+def scene_extremes(objects: list[dict]) -> list[tuple[str, str]]:
+    """(leftmost / rightmost / topmost / bottommost, its colour) for each whose object leads the next by MARGIN."""
+    out = []
+    for word, key, sign in (("leftmost", "x", 1), ("rightmost", "x", -1), ("topmost", "y", 1), ("bottommost", "y", -1)):
+        first, second = sorted(objects, key=lambda o: sign * o[key])[:2]
+        if abs(first[key] - second[key]) >= MARGIN:
+            out.append((word, first["colour"]))
+    return out
+
+
+def scene_caption(objects: list[dict], extremes: bool = False) -> str:
+    """Each object's colour, shape and quadrant in a fixed colour order; ``extremes``: then which colour is
+    leftmost, rightmost, topmost and bottommost, as the colour answers name them ("leftmost grey")."""
     c = SCENE_SIZE / 2
-    return "; ".join(f"{o['colour']} {o['shape']} {'top' if o['y'] < c else 'bottom'} "
-                     f"{'left' if o['x'] < c else 'right'}" for o in objects) + "."
+    text = "; ".join(f"{o['colour']} {o['shape']} {'top' if o['y'] < c else 'bottom'} "
+                     f"{'left' if o['x'] < c else 'right'}" for o in objects)
+    named = scene_extremes(objects) if extremes else []
+    if named:  # none when no object leads by MARGIN on any side
+        text += "; " + ", ".join(f"{word} {colour}" for word, colour in named)
+    return text + "."
 
 
-def shape_records(seed: int, n_train: int, n_val: int, grounded: bool = False) -> list[dict]:
+def shape_records(seed: int, n_train: int, n_val: int, grounded: bool = False, extremes: bool = False) -> list[dict]:
     """Generated scenes; train and held-out scenes come from separate seeded streams."""
     out = []
     for split, n, stream in (("train", n_train, 0), ("val", n_val, 1)):
@@ -221,7 +240,7 @@ def shape_records(seed: int, n_train: int, n_val: int, grounded: bool = False) -
             img, objects = draw_scene(rng)
             qs = scene_questions(objects, grounded)
             out.append({"image_id": f"shapes/{split}/{i:05d}", "image": _png(img), "split": split,
-                        "caption": scene_caption(objects),
+                        "caption": scene_caption(objects, extremes),
                         "qa": [(q, a, t) for t, pairs in qs.items() for q, a in pairs]})
     return out
 
@@ -263,7 +282,7 @@ def _read_records(src: ImageSourceConfig, index: int, seed: int, val_fraction: f
     if src.kind == "digits":
         return _only(src, digit_records(seed, val_fraction, src.max_images)), []
     if src.kind == "shapes":
-        return _only(src, shape_records(seed, src.n_train, src.n_val, src.grounded_answers)), []
+        return _only(src, shape_records(seed, src.n_train, src.n_val, src.grounded_answers, src.caption_extremes)), []
     path = Path(src.path)
     if not path.exists():
         raise FileNotFoundError(f"sources[{index}].path: expected a {src.kind} file or folder, found no {path}")
@@ -520,6 +539,9 @@ def build_image_shards(cfg: ImageDataConfig, run_dir: str | Path, tokenizer_path
 
     from slmlab.data.shards import Shards, _ordered
 
+    for name in ("image_size", "channels"):
+        if getattr(cfg, name) is None:  # a vlm_train stage fills both from its model
+            raise ValueError(f"data.{name}: expected a value (the model's), found none")
     tokenizer_path = Path(tokenizer_path)
     key = cache_key(cfg, seed, tokenizer_path)
     root = Path(run_dir) / "cache" / "images"

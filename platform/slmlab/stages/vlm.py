@@ -57,7 +57,7 @@ def _run_config(stage: VLMTrainStage, ctx: StageContext, vocab_size: int):
     if m.family != "alemoe_vlm":
         raise StageFailed(f"{where}: expected model.family alemoe_vlm, found {m.family!r}")
     for name in ("image_size", "channels"):
-        if getattr(m, name) != getattr(d, name):
+        if getattr(d, name) is not None and getattr(m, name) != getattr(d, name):
             raise StageFailed(f"{where}.data.{name}: expected model.{name}={getattr(m, name)}, "
                               f"found {getattr(d, name)}")
     if d.seq_len > m.max_seq_len:
@@ -77,7 +77,8 @@ def run_train(stage: VLMTrainStage, ctx: StageContext) -> StageResult:
     from slmlab.data.images import build_image_shards
 
     cfg = ctx.cfg
-    shards = build_image_shards(stage.data, cfg.run_dir, ctx.shards.tokenizer_path, cfg.seed, ctx.progress)
+    data = stage.data.model_copy(update={name: getattr(cfg.model, name) for name in ("image_size", "channels")})
+    shards = build_image_shards(data, cfg.run_dir, ctx.shards.tokenizer_path, cfg.seed, ctx.progress)
     run_cfg = _run_config(stage, ctx, shards.summary["vocab_size"])
     init = None
     if stage.init_from:

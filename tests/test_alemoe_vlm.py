@@ -444,6 +444,19 @@ def vlm_model_dir(tmp_path, vlm_tokenizer):
     return folder
 
 
+def test_eval_budgets_are_per_question_and_capped_at_the_model(vlm_tokenizer, one_thread):
+    """A caption gets a caption's budget, a one-word answer a short one; a budget past max_seq_len is capped."""
+    from slmlab.data.tokenizer import load_tokenizer
+    from slmlab.stages.vlm import answer_questions
+
+    tok = load_tokenizer(vlm_tokenizer)
+    model = tiny(0, vocab_size=tok.get_vocab_size())  # max_seq_len 48; its greedy decode never stops early
+    pix = pixels(1).numpy().repeat(3, axis=0)  # one image: the three answers are one greedy decode, cut
+    short, long_, capped = answer_questions(model, tok, ["describe the image."] * 3, pix, [2, 30, 10_000])
+    assert 0 < len(short) < len(long_) <= len(capped) and long_.startswith(short) and capped.startswith(long_)
+    assert answer_questions(model, tok, ["describe the image."], pix[:1], 2) == [short]  # one budget for all
+
+
 def test_generate_image_streams_and_bad_images_are_one_line(vlm_model_dir, tmp_path):
     import numpy as np
     from PIL import Image

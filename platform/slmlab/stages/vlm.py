@@ -40,6 +40,9 @@ class VLMEvalStage(StageConfig):
     kind: Literal["vlm_eval"] = "vlm_eval"
     of: str  # the vlm_train stage whose model is evaluated on its held-out images
     max_new_tokens: int = Field(8, ge=1)  # answers are a word or two; longer outputs are wrong anyway
+    # a held-out caption's budget (a scene's is ~50 tokens; at 8 every caption was cut short and scored 0%),
+    # capped where prompt + caption reach the model's max_seq_len
+    caption_max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)  # held-out questions decoded together (same prompt length)
 
 
@@ -105,9 +108,11 @@ def run_train(stage: VLMTrainStage, ctx: StageContext) -> StageResult:
 # vlm_eval
 
 
-def answer_questions(model, tok, questions: list[str], pixels, max_new_tokens: int = 8,
+def answer_questions(model, tok, questions: list[str], pixels, max_new_tokens: int | list[int] = 8,
                      batch_size: int = 64) -> list[str]:
-    """Greedy, KV-cached answers, one per (question, image); prompts of equal length decode together."""
+    """Greedy, KV-cached answers, one per (question, image); prompts of equal length and budget decode together.
+    ``max_new_tokens``: one budget, or one per question; each is capped at the model's positions left after
+    the prompt."""
     import torch
 
     from slmlab.data.chat import prompt_ids
@@ -115,17 +120,20 @@ def answer_questions(model, tok, questions: list[str], pixels, max_new_tokens: i
     from slmlab.generation import generate
 
     stops = [i for i in (tok.token_to_id(END_TURN), tok.token_to_id(EOS)) if i is not None]
-    groups: dict[int, list[tuple[int, list[int]]]] = {}
+    budgets = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else max_new_tokens
+    limit = model.capabilities.max_positions
+    groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
     for i, q in enumerate(questions):
         ids = prompt_ids(tok, [("user", q)])
-        groups.setdefault(len(ids), []).append((i, ids))
+        budget = budgets[i] if limit is None else max(1, min(budgets[i], limit - len(ids)))
+        groups.setdefault((len(ids), budget), []).append((i, ids))
     answers = [""] * len(questions)
-    for length, items in groups.items():
+    for (length, budget), items in groups.items():
         for j in range(0, len(items), batch_size):
             chunk = items[j:j + batch_size]
             ids = torch.tensor([c[1] for c in chunk])
             pix = torch.as_tensor(pixels[[c[0] for c in chunk]])
-            out = generate(model, ids, max_new_tokens, temperature=0, stop_token_ids=stops, extra={"pixel_values": pix})
+            out = generate(model, ids, budget, temperature=0, stop_token_ids=stops, extra={"pixel_values": pix})
             for (i, _), row in zip(chunk, out[:, length:].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in stops), len(row))
                 answers[i] = tok.decode(row[:cut]).strip()
@@ -206,8 +214,8 @@ def run_eval(stage: VLMEvalStage, ctx: StageContext) -> StageResult:
     t0 = time.perf_counter()
     ev = read_eval(shards.root)
     with torch.inference_mode():
-        answers = answer_questions(model, tok, ev["question"], ev["pixel_values"], stage.max_new_tokens,
-                                   stage.batch_size)
+        budgets = [stage.caption_max_new_tokens if t == "caption" else stage.max_new_tokens for t in ev["qtype"]]
+        answers = answer_questions(model, tok, ev["question"], ev["pixel_values"], budgets, stage.batch_size)
     acc = accuracy_by_type(ev["qtype"], answers, ev["answer"])
     ctx.progress(f"vlm_eval: {len(answers):,} held-out questions in {time.perf_counter() - t0:.0f}s: "
                  + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))

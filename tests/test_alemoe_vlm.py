@@ -591,7 +591,7 @@ def test_a_stage_takes_the_models_image_size_and_rejects_another():
 
     from slmlab.config import validate_pipeline
     from slmlab.stages import StageFailed
-    from slmlab.stages.vlm import _run_config
+    from slmlab.stages.vlm import _run_config, run_train
 
     raw = {"name": "t", "run_dir": "/tmp/unused", "data": {"sources": [{"kind": "embedded", "max_documents": 5}]},
            "model": {"family": "alemoe_vlm", "image_size": 64, "patch_size": 8},
@@ -602,5 +602,7 @@ def test_a_stage_takes_the_models_image_size_and_rejects_another():
     assert _run_config(stage, SimpleNamespace(cfg=cfg), 300).model.image_size == 64
     raw["stages"][0]["data"]["image_size"] = 32
     cfg = validate_pipeline(raw, "t.yaml")
-    with pytest.raises(StageFailed, match=r"stages\.qa\.data\.image_size: expected model\.image_size=64, found 32"):
-        _run_config(cfg.stage_list()[0], SimpleNamespace(cfg=cfg), 300)
+    for check in (lambda: _run_config(cfg.stage_list()[0], SimpleNamespace(cfg=cfg), 300),
+                  lambda: run_train(cfg.stage_list()[0], SimpleNamespace(cfg=cfg))):  # before any shard is built
+        with pytest.raises(StageFailed, match=r"stages\.qa\.data\.image_size: expected model\.image_size=64, found 32"):
+            check()

@@ -50,6 +50,17 @@ class VLMEvalStage(StageConfig):
 # vlm_train
 
 
+def _check_image_shape(stage: VLMTrainStage, model) -> None:
+    """The stage's images must be what the model's ViT takes; unset, they are."""
+    where = f"stages.{stage.stage_name}"
+    if model.family != "alemoe_vlm":
+        raise StageFailed(f"{where}: expected model.family alemoe_vlm, found {model.family!r}")
+    for name in ("image_size", "channels"):
+        if getattr(stage.data, name) is not None and getattr(model, name) != getattr(stage.data, name):
+            raise StageFailed(f"{where}.data.{name}: expected model.{name}={getattr(model, name)}, "
+                              f"found {getattr(stage.data, name)}")
+
+
 def _run_config(stage: VLMTrainStage, ctx: StageContext, vocab_size: int):
     from pydantic import ValidationError
 
@@ -57,12 +68,7 @@ def _run_config(stage: VLMTrainStage, ctx: StageContext, vocab_size: int):
 
     cfg, m, d = ctx.cfg, ctx.cfg.model, stage.data
     where = f"stages.{stage.stage_name}"
-    if m.family != "alemoe_vlm":
-        raise StageFailed(f"{where}: expected model.family alemoe_vlm, found {m.family!r}")
-    for name in ("image_size", "channels"):
-        if getattr(d, name) is not None and getattr(m, name) != getattr(d, name):
-            raise StageFailed(f"{where}.data.{name}: expected model.{name}={getattr(m, name)}, "
-                              f"found {getattr(d, name)}")
+    _check_image_shape(stage, m)
     if d.seq_len > m.max_seq_len:
         raise StageFailed(f"{where}.data.seq_len: expected at most model.max_seq_len={m.max_seq_len}, "
                           f"found {d.seq_len}")
@@ -80,6 +86,7 @@ def run_train(stage: VLMTrainStage, ctx: StageContext) -> StageResult:
     from slmlab.data.images import build_image_shards
 
     cfg = ctx.cfg
+    _check_image_shape(stage, cfg.model)  # before a minute of decoding, not after
     data = stage.data.model_copy(update={name: getattr(cfg.model, name) for name in ("image_size", "channels")})
     shards = build_image_shards(data, cfg.run_dir, ctx.shards.tokenizer_path, cfg.seed, ctx.progress)
     run_cfg = _run_config(stage, ctx, shards.summary["vocab_size"])

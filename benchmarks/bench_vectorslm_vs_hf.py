@@ -12,8 +12,8 @@ Same process, same torch, same thread count, one run. It first measures this mac
     (6 x matmul params + attention) per second over the measured 2048^3 peak, and over the peak of the
     model's own matmul shapes (the ceiling for that model on this machine);
   * KV-cached greedy decode at batch 1, 30.9M: ours fp32, ours with the compiled fixed-shape step
-    (``generate(compile_step=True)``: one CUDA graph per token on a GPU), on CPU ours with the wide weights
-    stored (in, out) (``decode_layout``), ours INT8
+    (``generate(compile_step=True)``: one CUDA graph per token on a GPU), on CPU ``decode_layout``'s copy
+    (big weights through oneDNN's packed kernel, the smaller wide ones stored (in, out)), ours INT8
     (``quantize_int8(dynamic_activations=True)``, fbgemm W8A8), HF ``generate`` with its default (dynamic)
     cache and with its own ``StaticCache``; each as a fraction of the bandwidth roofline (weight bytes + KV
     bytes read per token / measured bandwidth). INT8 is checked here by the share of greedy tokens it agrees
@@ -204,14 +204,14 @@ def main() -> None:
     hf = hf_copy(ours, big, device).to(dtype).eval()
     ours = ours.to(dtype).eval()
     ours_int8 = quantize_int8(ours, dynamic_activations=True)
-    ours_layout = decode_layout(ours)  # wide weights stored (in, out): the CPU's faster matrix-vector layout
+    ours_layout = decode_layout(ours)  # what `slmlab generate` decodes with: oneDNN-packed big weights
     prompt = torch.randint(0, big.vocab_size, (1, 32), device=device)
     hf_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     dec = {
         "VectorSLM": lambda: generate(ours, prompt, new_tokens, temperature=0),
         "VectorSLM compiled": lambda: generate(ours, prompt, new_tokens, temperature=0, compile_step=True),
         "VectorSLM int8 W8A8": lambda: generate(ours_int8, prompt, new_tokens, temperature=0),
-        **({"VectorSLM (in,out)": lambda: generate(ours_layout, prompt, new_tokens, temperature=0)} if cpu else {}),
+        **({"VectorSLM packed": lambda: generate(ours_layout, prompt, new_tokens, temperature=0)} if cpu else {}),
         "HF default cache": lambda: hf.generate(prompt, **hf_kw),
         "HF StaticCache": lambda: hf.generate(prompt, cache_implementation="static", **hf_kw),
     }
@@ -219,7 +219,7 @@ def main() -> None:
     outs = {k: fn() for k, fn in dec.items()}  # also the warm-up: compiles our step and HF's static one
     first_s = time.perf_counter() - t0
     same = all(torch.equal(outs["VectorSLM"], outs[k]) for k in ("HF default cache", "HF StaticCache"))
-    fast_same = all(torch.equal(outs["VectorSLM"], outs[k]) for k in ("VectorSLM compiled", "VectorSLM (in,out)")
+    fast_same = all(torch.equal(outs["VectorSLM"], outs[k]) for k in ("VectorSLM compiled", "VectorSLM packed")
                     if k in outs)
     int8_agree = (outs["VectorSLM int8 W8A8"] == outs["VectorSLM"]).float().mean().item()
     best = alternate(dec, device, rounds + 1)
@@ -234,7 +234,7 @@ def main() -> None:
     print(
         f"\nKV-cached greedy decode, batch 1, prompt 32, {new_tokens} new tokens incl. prefill, best of {rounds + 1} "
         f"alternating runs; ours and both HF caches give identical tokens: {same}; our compiled step (and on CPU "
-        f"the (in,out) layout) give the eager tokens: {fast_same}; int8 agrees on {int8_agree * 100:.0f}% of "
+        f"the packed copy) give the eager tokens: {fast_same}; int8 agrees on {int8_agree * 100:.0f}% of "
         f"tokens (random weights: near-ties flip); the first call of every arm (compiling ours and HF's static "
         f"step) took {first_s:.1f} s"
     )
@@ -291,7 +291,7 @@ def main() -> None:
     arms = {"VectorSLM": lambda c: ours_latency(ours, c), "VectorSLM compiled": compiled_latency,
             "VectorSLM int8 W8A8": lambda c: ours_latency(ours_int8, c), "HF default cache": hf_latency}
     if cpu:
-        arms["VectorSLM (in,out)"] = lambda c: ours_latency(ours_layout, c)
+        arms["VectorSLM packed"] = lambda c: ours_latency(ours_layout, c)
     with torch.inference_mode():
         lat = {(name, c): fn(c) for c in (128, longest) for name, fn in arms.items()}
         for name, fn in arms.items():  # second look at the short context

@@ -277,20 +277,35 @@ def test_fixed_shape_step_is_refused_where_shapes_cannot_be_fixed():
 
 
 @pytest.mark.parametrize("moe", [None, MoEConfig(num_experts=3, top_k=2)])
-def test_decode_layout_copy_decodes_the_same_tokens_and_leaves_the_model_alone(moe):
-    from slmlab.generation import decode_layout
+def test_decode_layout_copy_decodes_the_same_tokens_and_leaves_the_model_alone(moe, monkeypatch):
+    import slmlab.generation as gen
 
     model = model_for(moe).eval()
-    fast = decode_layout(model)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(9))
+    # this model's weights are all small, so nothing is packed: the (in, out) layout for the wide ones
+    fast = gen.decode_layout(model)
     wide = [n for n, m in fast.named_modules() if type(m) is torch.nn.Linear and m.weight.size(0) > m.weight.size(1)]
     assert "lm_head" in wide and "layers.0.attn.wqkv" in wide
     for name, m in fast.named_modules():
         if type(m) is torch.nn.Linear:  # wide ones stored (in, out): a transposed view; the rest untouched
             assert m.weight.stride() == ((1, m.weight.size(0)) if name in wide else (m.weight.size(1), 1)), name
     assert fast.lm_head.weight is fast.tok_emb.weight  # still tied
+    # a threshold the lm_head passes (61 x 48 fp32 = 11.7 kB) but attn.wo (48 x 48) does not: the big ones
+    # go through oneDNN's packed kernel, the rest as before
+    monkeypatch.setattr(gen, "PACK_MIN_BYTES", 48 * V * 4)
+    packed = gen.decode_layout(model)
+    linears = (torch.nn.Linear, gen.PackedLinear)
+    kinds = {n: type(m).__name__ for n, m in packed.named_modules() if isinstance(m, linears)}
+    if gen.can_pack(model.lm_head.weight):
+        assert kinds["lm_head"] == "PackedLinear" and kinds["layers.0.attn.wo"] == "Linear", kinds
+        assert packed.lm_head.weight is packed.tok_emb.weight  # the tie holds; the embedding reads the original
+        assert set(packed.state_dict()) == set(model.state_dict())  # the packed copy is not part of the state
+        again = pickle.loads(pickle.dumps(packed))  # the opaque oneDNN tensor is rebuilt from the weight
+        assert type(again.lm_head).__name__ == "PackedLinear" and again.lm_head.weight is again.tok_emb.weight
+        assert torch.equal(generate(again, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))
     assert all(p.is_contiguous() for p in model.parameters())  # the original keeps its layout (it can be saved)
-    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        torch.testing.assert_close(fast({"input_ids": prompt}).logits, model({"input_ids": prompt}).logits,
-                                   atol=1e-5, rtol=0)
-    assert torch.equal(generate(fast, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))
+    for decoder in (fast, packed):
+        with torch.no_grad():
+            torch.testing.assert_close(decoder({"input_ids": prompt}).logits, model({"input_ids": prompt}).logits,
+                                       atol=1e-5, rtol=0)
+        assert torch.equal(generate(decoder, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))

@@ -176,7 +176,7 @@ def main() -> None:
     else:
         big_name = "30.9M"
         big = VectorSLMConfig(vocab_size=16384, max_seq_len=2304, dim=512, n_layers=8, n_heads=8, n_kv_heads=2)
-        big_batch, big_seq, rounds, new_tokens, lat_steps = 4, 512, 3, 64, 16
+        big_batch, big_seq, rounds, new_tokens, lat_steps = 4, 512, 5, 64, 16
     main_batch, main_seq = 16, 128
     if device.type == "cuda" and args.size != "125m":
         big_batch *= 8

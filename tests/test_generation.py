@@ -309,3 +309,18 @@ def test_decode_layout_copy_decodes_the_same_tokens_and_leaves_the_model_alone(m
             torch.testing.assert_close(decoder({"input_ids": prompt}).logits, model({"input_ids": prompt}).logits,
                                        atol=1e-5, rtol=0)
         assert torch.equal(generate(decoder, prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))
+
+
+def test_decode_layout_keeps_nn_linear_where_onednn_fails_its_self_check(monkeypatch):
+    """The oneDNN ops are torch internals: where they are missing or disagree with F.linear on a small product,
+    decode_layout packs nothing and decodes through nn.Linear, with the same tokens."""
+    import slmlab.generation as gen
+
+    model = model_for().eval()
+    monkeypatch.setattr(gen, "PACK_MIN_BYTES", 0)
+    assert gen.can_pack(model.lm_head.weight) == gen._onednn_linear_works()
+    monkeypatch.setattr(gen, "_onednn_linear_works", lambda: False)
+    fast = gen.decode_layout(model)
+    assert not any(isinstance(m, gen.PackedLinear) for m in fast.modules())
+    prompt = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(generate(fast, prompt, 8, temperature=0), generate(model, prompt, 8, temperature=0))

@@ -23,6 +23,7 @@ GPU; see ``FixedShapeDecoder``).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -167,13 +168,26 @@ def generate(
 PACK_MIN_BYTES = 1 << 20
 
 
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """The two oneDNN ops are torch internals (what inductor calls), so a torch whose ops are missing or
+    behave otherwise is found out once, on a small product, and decoding keeps ``nn.Linear`` there."""
+    try:
+        w, x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), torch.ones(2, 3, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.allclose(y, F.linear(x, w), atol=1e-4)
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether oneDNN's reordered-weight linear serves this weight: fp32 on a CPU torch built with oneDNN."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and _onednn_linear_works()
     )
 
 

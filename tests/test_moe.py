@@ -36,6 +36,24 @@ def test_matches_token_by_token_reference(top_k):
     assert aux.dropped_frac.item() == 0.0
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_one_token_takes_its_experts_directly_with_the_batched_paths_bits(top_k):
+    """Batch-1 decoding sends one token: its experts are called directly (no sort, gather, scatter). Its
+    output and every aux figure equal what the batched path gives for that token, bit for bit."""
+    moe = layer(top_k=top_k).eval()
+    batched = layer(top_k=top_k).eval()
+    batched.one_token_path = False
+    calls, direct = [], moe._one_token
+    moe._one_token = lambda *a: calls.append(1) or direct(*a)
+    for t in torch.randn(8, 1, 1, DIM, generator=torch.Generator().manual_seed(4)):
+        (y, aux), (y_ref, aux_ref) = moe(t), batched(t)
+        assert torch.equal(y, y_ref)
+        torch.testing.assert_close(y.reshape(1, DIM), reference(moe, t.reshape(1, DIM)), atol=1e-5, rtol=1e-5)
+        for name in ("load_balance", "z_loss", "expert_frac", "dropped_frac", "router_logits"):
+            assert torch.equal(getattr(aux, name), getattr(aux_ref, name)), name
+    assert len(calls) == 8  # every one-token call took the direct path
+
+
 def test_load_balance_loss_is_minimal_for_uniform_routing():
     moe = layer()
     x = torch.randn(64, DIM)

@@ -121,8 +121,8 @@ def main() -> None:
             "HF Mixtral": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                               pad_token_id=0),
         }
-        same = torch.equal(calls["ours text-only"](), calls["HF Mixtral"]())
-        same = same and torch.equal(calls["ours text-only"](), calls["ours batched MoE"]())
+        text_only = calls["ours text-only"]()
+        same = torch.equal(text_only, calls["HF Mixtral"]()) and torch.equal(text_only, calls["ours batched MoE"]())
         calls["ours + image"]()  # warm-up
         best = alternate(calls, args.rounds)
     tps = {k: n / w for k, (w, _) in best.items()}

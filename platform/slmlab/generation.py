@@ -168,14 +168,18 @@ def generate(
 PACK_MIN_BYTES = 1 << 20
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout (an opaque tensor only its linear reads)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
 @functools.cache
 def _onednn_linear_works() -> bool:
     """The two oneDNN ops are torch internals (what inductor calls), so a torch whose ops are missing or
     behave otherwise is found out once, on a small product, and decoding keeps ``nn.Linear`` there."""
     try:
         w, x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), torch.ones(2, 3, 16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, _pack(w), None, "none", [], "")
         return torch.allclose(y, F.linear(x, w), atol=1e-4)
     except Exception:  # noqa: BLE001 - any failure means: do not use it
         return False
@@ -210,7 +214,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.packed = _pack(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # inductor cannot take the opaque tensor; it plans its own kernels
@@ -227,7 +231,7 @@ class PackedLinear(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.packed = _pack(self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"

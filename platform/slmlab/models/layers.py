@@ -325,9 +325,9 @@ class MoEAux:
 
     @functools.cached_property
     def counts(self) -> torch.Tensor:
-        if self._counts is None:
-            self._counts = torch.bincount(self._top_e.reshape(-1), minlength=self.router_logits.size(-1))
-        return self._counts
+        if self._counts is not None:  # the batched path counted them to dispatch
+            return self._counts
+        return torch.bincount(self._top_e.reshape(-1), minlength=self.router_logits.size(-1))
 
     @functools.cached_property
     def expert_frac(self) -> torch.Tensor:
